@@ -1,0 +1,218 @@
+//! `portcullis keys ...`: create, list, activate, deactivate, revoke, rotate.
+//!
+//! Every change goes through `keys::file::update` (lock, read, change, atomic replace), so two
+//! commands run at once never lose each other's keys. `create` and `rotate` print only the new
+//! key on stdout; everything else they say goes to stderr.
+
+use std::path::Path;
+
+use super::{expiry_from, format_time, CommandError, KeysCommand};
+use crate::keys::file::{self, KeyEntry};
+use crate::keys::secret;
+use crate::policy;
+
+/// Runs a keys subcommand.
+pub fn run(command: &KeysCommand) -> Result<(), CommandError> {
+    match command {
+        KeysCommand::Create {
+            keys,
+            principal,
+            scopes,
+            purpose,
+            expires,
+            policy,
+        } => {
+            if let Some(policy_path) = policy {
+                check_against_policy(policy_path, principal, scopes)?;
+            }
+            let key = create(keys, principal, scopes, purpose.clone(), expires.as_deref())?;
+            println!("{key}");
+            Ok(())
+        }
+        KeysCommand::List { keys } => list(keys),
+        KeysCommand::Deactivate(t) => set_active(&t.keys, &t.id, false),
+        KeysCommand::Activate(t) => set_active(&t.keys, &t.id, true),
+        KeysCommand::Revoke(t) => {
+            file::update(&t.keys, |f| {
+                let before = f.keys.len();
+                f.keys.retain(|k| k.id != t.id);
+                anyhow::ensure!(f.keys.len() < before, "no key with id {:?}", t.id);
+                Ok(())
+            })?;
+            eprintln!("revoked {}", t.id);
+            Ok(())
+        }
+        KeysCommand::Rotate { target, overlap } => {
+            let key = rotate(&target.keys, &target.id, overlap.as_deref())?;
+            println!("{key}");
+            Ok(())
+        }
+    }
+}
+
+/// Creates a key entry and returns the plaintext key.
+pub fn create(
+    keys: &Path,
+    principal: &str,
+    scopes: &[String],
+    purpose: Option<String>,
+    expires: Option<&str>,
+) -> Result<String, CommandError> {
+    let now = time::OffsetDateTime::now_utc();
+    let expires = expires
+        .map(|e| expiry_from(e, now))
+        .transpose()
+        .map_err(CommandError::Usage)?;
+    for scope in scopes {
+        crate::policy::grant::GrantSpec::parse(scope)
+            .map_err(|e| CommandError::Usage(e.to_string()))?;
+    }
+    let new = secret::generate();
+    let entry = KeyEntry {
+        id: new.id.clone(),
+        prefix: new.prefix.clone(),
+        hash: new.hash.clone(),
+        principal: principal.to_string(),
+        scopes: (!scopes.is_empty()).then(|| scopes.to_vec()),
+        purpose,
+        active: true,
+        created: Some(format_time(now).map_err(CommandError::Usage)?),
+        expires,
+    };
+    file::update(keys, |f| {
+        anyhow::ensure!(
+            !f.keys.iter().any(|k| k.id == entry.id),
+            "key id collision; run again"
+        );
+        f.keys.push(entry);
+        Ok(())
+    })?;
+    eprintln!(
+        "created key {} for {principal}; it is shown once, store it now",
+        new.id
+    );
+    Ok(new.secret)
+}
+
+fn check_against_policy(
+    policy_path: &Path,
+    principal: &str,
+    scopes: &[String],
+) -> Result<(), CommandError> {
+    let text = std::fs::read_to_string(policy_path)
+        .map_err(|e| CommandError::Usage(format!("{}: {e}", policy_path.display())))?;
+    let policy = policy::compile(&text).map_err(|p| {
+        CommandError::Usage(crate::diagnostic::FileProblems::new(policy_path, p).to_string())
+    })?;
+    if policy.principal(principal).is_none() {
+        return Err(CommandError::Usage(format!(
+            "principal {principal:?} is not in {}",
+            policy_path.display()
+        )));
+    }
+    for scope in scopes {
+        policy.compile_grant(scope).map_err(CommandError::Usage)?;
+    }
+    Ok(())
+}
+
+fn set_active(keys: &Path, id: &str, active: bool) -> Result<(), CommandError> {
+    file::update(keys, |f| {
+        let entry = f
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(|| anyhow::anyhow!("no key with id {id:?}"))?;
+        entry.active = active;
+        Ok(())
+    })?;
+    eprintln!("{} {id}", if active { "activated" } else { "deactivated" });
+    Ok(())
+}
+
+/// Makes a successor with the same owner, scopes and purpose; the old key expires after `overlap`.
+pub fn rotate(keys: &Path, id: &str, overlap: Option<&str>) -> Result<String, CommandError> {
+    let overlap = match overlap {
+        None => std::time::Duration::ZERO,
+        Some(text) => humantime::parse_duration(text).map_err(|_| {
+            CommandError::Usage(format!("--overlap {text:?} is not a duration like 1h"))
+        })?,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let old_expiry = format_time(now + overlap).map_err(CommandError::Usage)?;
+    let created = format_time(now).map_err(CommandError::Usage)?;
+    let new = secret::generate();
+    let (new_id, _) = file::update(keys, |f| {
+        let old = f
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(|| anyhow::anyhow!("no key with id {id:?}"))?;
+        let successor = KeyEntry {
+            id: new.id.clone(),
+            prefix: new.prefix.clone(),
+            hash: new.hash.clone(),
+            principal: old.principal.clone(),
+            scopes: old.scopes.clone(),
+            purpose: old.purpose.clone(),
+            active: true,
+            created: Some(created),
+            expires: old.expires.clone(),
+        };
+        old.expires = Some(old_expiry);
+        f.keys.push(successor);
+        Ok(new.id.clone())
+    })?;
+    eprintln!("rotated {id} → {new_id}; the old key stops at the end of the overlap");
+    Ok(new.secret)
+}
+
+fn list(keys: &Path) -> Result<(), CommandError> {
+    let f = file::load(keys).map_err(|p| CommandError::Usage(p.to_string()))?;
+    let rows: Vec<[String; 8]> = f
+        .keys
+        .iter()
+        .map(|k| {
+            [
+                k.id.clone(),
+                secret::masked(&k.prefix),
+                k.principal.clone(),
+                k.scopes.as_ref().map_or("-".into(), |s| s.join(",")),
+                k.purpose.clone().unwrap_or_else(|| "-".into()),
+                k.active.to_string(),
+                k.created.clone().unwrap_or_else(|| "-".into()),
+                k.expires.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "PREFIX",
+        "PRINCIPAL",
+        "SCOPES",
+        "PURPOSE",
+        "ACTIVE",
+        "CREATED",
+        "EXPIRES",
+    ]
+    .map(String::from);
+    print_table(&header, &rows);
+    Ok(())
+}
+
+fn print_table(header: &[String; 8], rows: &[[String; 8]]) {
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+}

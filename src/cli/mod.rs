@@ -1,0 +1,197 @@
+//! The command line: argument definitions and the commands that are not `run`.
+
+pub mod check;
+pub mod explain;
+pub mod keys;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// API-key enforcement sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve: enforce the policy in front of the upstream.
+    Run {
+        /// Process config file.
+        #[arg(short, long, default_value = "portcullis.yaml")]
+        config: PathBuf,
+    },
+    /// Start a built-in backend and the proxy with an example policy and fresh keys.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Validate config, policy and keys; print every problem as file:line:column: message.
+    Check(FileArgs),
+    /// Manage the keys file.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Explain the decision for a key and a request.
+    Explain {
+        /// Files to read.
+        #[command(flatten)]
+        files: FileArgs,
+        /// The key's public id.
+        #[arg(long)]
+        key_id: String,
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Request path, e.g. /v1/datasets/ds_1.
+        path: String,
+    },
+}
+
+/// Either a config file or explicit policy/keys files.
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    /// Process config file (its policy and keys are checked too).
+    #[arg(short, long, conflicts_with_all = ["policy", "keys"])]
+    pub config: Option<PathBuf>,
+    /// Policy file.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Keys file.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
+}
+
+/// `portcullis keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new key; prints it once on stdout and stores only its hash.
+    Create {
+        /// Keys file (created if missing).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Owner of the key.
+        #[arg(long)]
+        principal: String,
+        /// Narrowing grant; repeat for several.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// What the key is for.
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Expiry: a duration (90d, 12h) or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Policy to check the principal and scopes against.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// List keys (never the key or its hash).
+    List {
+        /// Keys file.
+        #[arg(long)]
+        keys: PathBuf,
+    },
+    /// Deactivate a key (it answers 401 until activated).
+    Deactivate(KeyIdArgs),
+    /// Activate a deactivated key.
+    Activate(KeyIdArgs),
+    /// Remove a key for good.
+    Revoke(KeyIdArgs),
+    /// Make a successor key; the old one expires after the overlap.
+    Rotate {
+        /// Keys file and key id.
+        #[command(flatten)]
+        target: KeyIdArgs,
+        /// How long the old key stays valid (default 0: it stops at once).
+        #[arg(long)]
+        overlap: Option<String>,
+    },
+}
+
+/// A keys file and one key id.
+#[derive(Debug, Args)]
+pub struct KeyIdArgs {
+    /// Keys file.
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// The key's public id.
+    pub id: String,
+}
+
+/// A command failure, by exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Bad input or configuration: exit 64.
+    #[error("{0}")]
+    Usage(String),
+    /// Validation found problems (already printed): exit 1.
+    #[error("{0} problem(s) found")]
+    Problems(usize),
+}
+
+impl From<anyhow::Error> for CommandError {
+    fn from(e: anyhow::Error) -> Self {
+        CommandError::Usage(format!("{e:#}"))
+    }
+}
+
+/// Resolves `FileArgs` into a policy path and an optional keys path.
+pub fn resolve_files(
+    files: &FileArgs,
+) -> Result<(PathBuf, Option<PathBuf>, Option<crate::config::Config>), CommandError> {
+    if let Some(path) = &files.config {
+        let config =
+            crate::config::Config::load(path).map_err(|p| CommandError::Usage(p.to_string()))?;
+        return Ok((
+            config.policy.clone(),
+            Some(config.keys.clone()),
+            Some(config),
+        ));
+    }
+    match &files.policy {
+        Some(policy) => Ok((policy.clone(), files.keys.clone(), None)),
+        None => {
+            let default = PathBuf::from("portcullis.yaml");
+            if default.exists() {
+                let config = crate::config::Config::load(&default)
+                    .map_err(|p| CommandError::Usage(p.to_string()))?;
+                Ok((
+                    config.policy.clone(),
+                    Some(config.keys.clone()),
+                    Some(config),
+                ))
+            } else {
+                Err(CommandError::Usage(
+                    "give -c portcullis.yaml or --policy FILE [--keys FILE]".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Parses `90d`, `12h` (from now) or an RFC 3339 time, into an RFC 3339 UTC string.
+pub fn expiry_from(text: &str, now: time::OffsetDateTime) -> Result<String, String> {
+    if let Ok(d) = humantime::parse_duration(text) {
+        let at = now + d;
+        return format_time(at);
+    }
+    crate::keys::parse_time(text)
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| e.to_string()))
+        .and_then(format_time)
+        .map_err(|_| format!("{text:?} is neither a duration (90d, 12h) nor an RFC 3339 time"))
+}
+
+/// Formats a time as RFC 3339 UTC with whole seconds.
+pub fn format_time(t: time::OffsetDateTime) -> Result<String, String> {
+    let t = t
+        .to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .map_err(|e| e.to_string())?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,219 @@
+//! The process configuration (`portcullis.yaml`): where to listen, where the backend is, which
+//! files to load. Relative paths resolve against the config file's own folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::diagnostic::{self, FileProblems, Problem};
+
+/// The config file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<String>,
+    upstream: String,
+    admin: Option<String>,
+    policy: Option<PathBuf>,
+    keys: Option<PathBuf>,
+    deny_status: Option<u16>,
+    upstream_connect_timeout: Option<String>,
+    upstream_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+}
+
+/// The validated process configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// The backend's base URI (`http://host:port`).
+    pub upstream: http::Uri,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// Policy file path (absolute or relative to the working directory).
+    pub policy: PathBuf,
+    /// Keys file path.
+    pub keys: PathBuf,
+    /// Status for a valid key without permission: 403 (default) or 401.
+    pub deny_status: http::StatusCode,
+    /// Upper bound on connecting to the backend (→ 502).
+    pub upstream_connect_timeout: Duration,
+    /// Upper bound on waiting for the backend's response head (→ 504).
+    pub upstream_timeout: Duration,
+    /// Largest total size of request headers accepted (→ 431).
+    pub max_header_bytes: usize,
+}
+
+impl Config {
+    /// The defaults for everything but the upstream.
+    pub fn with_upstream(upstream: http::Uri) -> Config {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            upstream,
+            admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            policy: PathBuf::from("policy.yaml"),
+            keys: PathBuf::from("keys.yaml"),
+            deny_status: http::StatusCode::FORBIDDEN,
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, FileProblems> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| FileProblems::single(path, format!("cannot read config: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&source, base).map_err(|p| FileProblems::new(path, p))
+    }
+
+    /// Parses config text; relative paths resolve against `base`.
+    pub fn parse(source: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+        let file: ConfigFile =
+            serde_yaml::from_str(source).map_err(|e| vec![diagnostic::from_serde_yaml(&e)])?;
+        let mut problems = Vec::new();
+        let mut fail = |field: &str, message: String| {
+            let (line, column) = locate_field(source, field);
+            problems.push(Problem::at(line, column, message));
+        };
+        let upstream = match parse_upstream(&file.upstream) {
+            Ok(u) => u,
+            Err(e) => {
+                fail("upstream", e);
+                http::Uri::from_static("http://127.0.0.1")
+            }
+        };
+        let mut config = Config::with_upstream(upstream);
+        let addr = |field: &str, text: &Option<String>, default: SocketAddr| match text {
+            None => Ok(default),
+            Some(t) => t.parse::<SocketAddr>().map_err(|_| {
+                (
+                    field.to_string(),
+                    format!("{field}: {t:?} is not an address like 127.0.0.1:8080"),
+                )
+            }),
+        };
+        match addr("listen", &file.listen, config.listen) {
+            Ok(a) => config.listen = a,
+            Err((f, m)) => fail(&f, m),
+        }
+        match addr("admin", &file.admin, config.admin) {
+            Ok(a) => config.admin = a,
+            Err((f, m)) => fail(&f, m),
+        }
+        config.policy = base.join(file.policy.unwrap_or(config.policy));
+        config.keys = base.join(file.keys.unwrap_or(config.keys));
+        match file.deny_status {
+            None => {}
+            Some(401) => config.deny_status = http::StatusCode::UNAUTHORIZED,
+            Some(403) => config.deny_status = http::StatusCode::FORBIDDEN,
+            Some(other) => fail(
+                "deny_status",
+                format!("deny_status must be 401 or 403, not {other}"),
+            ),
+        }
+        for (field, text, slot) in [
+            (
+                "upstream_connect_timeout",
+                &file.upstream_connect_timeout,
+                &mut config.upstream_connect_timeout,
+            ),
+            (
+                "upstream_timeout",
+                &file.upstream_timeout,
+                &mut config.upstream_timeout,
+            ),
+        ] {
+            if let Some(t) = text {
+                match humantime::parse_duration(t) {
+                    Ok(d) if !d.is_zero() => *slot = d,
+                    _ => fail(
+                        field,
+                        format!("{field}: {t:?} is not a duration like 5s or 1m"),
+                    ),
+                }
+            }
+        }
+        if let Some(n) = file.max_header_bytes {
+            if !(1024..=1024 * 1024).contains(&n) {
+                fail(
+                    "max_header_bytes",
+                    "max_header_bytes must be between 1024 and 1048576".into(),
+                );
+            } else {
+                config.max_header_bytes = n;
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn parse_upstream(text: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|e| format!("upstream: {text:?} is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err("upstream: https:// upstreams are not supported yet; use http://".into())
+        }
+        _ => return Err(format!("upstream: {text:?} must start with http://")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("upstream: {text:?} has no host"));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!(
+            "upstream: {text:?} must not have a path; the request path is kept as is"
+        ));
+    }
+    Ok(uri)
+}
+
+/// The position of a top-level `field:` in the text, for error messages.
+fn locate_field(source: &str, field: &str) -> (usize, usize) {
+    let needle = format!("{field}:");
+    source
+        .lines()
+        .position(|l| l.starts_with(&needle))
+        .map_or((1, 1), |i| (i + 1, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse("upstream: http://127.0.0.1:3000\n", Path::new("/etc/p")).unwrap();
+        assert_eq!(c.policy, PathBuf::from("/etc/p/policy.yaml"));
+        assert_eq!(c.deny_status, http::StatusCode::FORBIDDEN);
+        assert_eq!(c.admin.to_string(), "127.0.0.1:9901");
+    }
+
+    #[test]
+    fn reports_each_bad_field() {
+        let text = "upstream: ftp://x\nlisten: nowhere\ndeny_status: 500\nupstream_timeout: soon\n";
+        let problems = Config::parse(text, Path::new(".")).unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(
+            problems.iter().map(|p| p.line).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let problems = Config::parse("upstream: http://x\nlisen: 1\n", Path::new(".")).unwrap_err();
+        assert_eq!(problems[0].line, 2);
+    }
+}

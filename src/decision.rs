@@ -1,0 +1,297 @@
+//! The decision: may this request pass? Pure, from a snapshot, a request view and the time.
+//!
+//! Order matters and is fixed: the route is looked up first (public routes need no key), then
+//! the key (no key or a bad key is 401 whether or not a route matched, so unauthenticated callers
+//! learn nothing about the route table), then the route's demand against the key's grants.
+
+use http::Method;
+
+use crate::keys::credential::CredentialError;
+use crate::keys::{KeyLookup, KeyRecord};
+use crate::policy::grant::{self, Access, Grant};
+use crate::policy::{Route, RouteRule};
+use crate::state::Snapshot;
+
+/// Why a request was allowed or denied; the audit `reason` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The route needs no key.
+    Public,
+    /// A grant allowed it.
+    Granted,
+    /// No key presented.
+    NoCredential,
+    /// Two different keys, or a malformed credential header.
+    AmbiguousCredential,
+    /// The key is not known.
+    UnknownKey,
+    /// The key is deactivated.
+    InactiveKey,
+    /// The key is past its expiry.
+    ExpiredKey,
+    /// The key may not do this.
+    Forbidden,
+    /// No route matches (default deny).
+    NoRoute,
+    /// The path could not be normalised.
+    BadPath,
+}
+
+impl Reason {
+    /// The reason as audit and metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Public => "public",
+            Reason::Granted => "granted",
+            Reason::NoCredential => "no_credential",
+            Reason::AmbiguousCredential => "ambiguous_credential",
+            Reason::UnknownKey => "unknown_key",
+            Reason::InactiveKey => "inactive_key",
+            Reason::ExpiredKey => "expired_key",
+            Reason::Forbidden => "forbidden",
+            Reason::NoRoute => "no_route",
+            Reason::BadPath => "bad_path",
+        }
+    }
+
+    /// Whether the request goes on to the backend.
+    pub fn allows(self) -> bool {
+        matches!(self, Reason::Public | Reason::Granted)
+    }
+
+    /// Whether the denial is about identity (401) rather than permission.
+    pub fn is_unauthenticated(self) -> bool {
+        matches!(
+            self,
+            Reason::NoCredential
+                | Reason::AmbiguousCredential
+                | Reason::UnknownKey
+                | Reason::InactiveKey
+                | Reason::ExpiredKey
+        )
+    }
+}
+
+/// A decision and everything that explains it.
+pub struct Decision<'s, 'p> {
+    /// Why.
+    pub reason: Reason,
+    /// The matched route, if any.
+    pub route: Option<&'s Route>,
+    /// The instance named by the route, if any.
+    pub instance: Option<&'p str>,
+    /// The access the route demands, if protected.
+    pub access: Option<Access>,
+    /// The identified key (also on public routes when a valid key was sent).
+    pub key: Option<&'s KeyRecord>,
+    /// The grant that allowed it.
+    pub grant: Option<&'s Grant>,
+}
+
+impl Decision<'_, '_> {
+    fn deny(reason: Reason) -> Self {
+        Decision {
+            reason,
+            route: None,
+            instance: None,
+            access: None,
+            key: None,
+            grant: None,
+        }
+    }
+}
+
+/// Decides a request whose path is already normalised.
+pub fn decide<'s, 'p>(
+    snapshot: &'s Snapshot,
+    method: &Method,
+    path: &'p str,
+    credential: Result<Option<&str>, CredentialError>,
+    now: i64,
+) -> Decision<'s, 'p>
+where
+    's: 'p,
+{
+    let hit = snapshot.policy.lookup(method, path);
+    let (route, instance) = match &hit {
+        Some(h) => (Some(h.route), h.instance),
+        None => (None, None),
+    };
+    let identified = identify(snapshot, credential, now);
+    let mut decision = Decision {
+        route,
+        instance,
+        ..Decision::deny(Reason::NoRoute)
+    };
+    if let Some(RouteRule::Public) = route.map(|r| &r.rule) {
+        decision.reason = Reason::Public;
+        decision.key = identified.ok();
+        return decision;
+    }
+    let key = match identified {
+        Ok(key) => key,
+        Err(reason) => {
+            decision.reason = reason;
+            return decision;
+        }
+    };
+    decision.key = Some(key);
+    let Some(RouteRule::Protected {
+        resource, access, ..
+    }) = route.map(|r| &r.rule)
+    else {
+        return decision;
+    };
+    decision.access = Some(*access);
+    decision.grant = grant::any_allows(&key.grants, *resource, instance, *access);
+    decision.reason = if decision.grant.is_some() {
+        Reason::Granted
+    } else {
+        Reason::Forbidden
+    };
+    decision
+}
+
+fn identify<'s>(
+    snapshot: &'s Snapshot,
+    credential: Result<Option<&str>, CredentialError>,
+    now: i64,
+) -> Result<&'s KeyRecord, Reason> {
+    let key = match credential {
+        Ok(Some(key)) => key,
+        Ok(None) => return Err(Reason::NoCredential),
+        Err(_) => return Err(Reason::AmbiguousCredential),
+    };
+    match snapshot.keys.lookup(key, now) {
+        KeyLookup::Valid(record) => Ok(record),
+        KeyLookup::Unknown => Err(Reason::UnknownKey),
+        KeyLookup::Inactive(_) => Err(Reason::InactiveKey),
+        KeyLookup::Expired(_) => Err(Reason::ExpiredKey),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::keys::secret;
+    use crate::state::Snapshot;
+
+    const POLICY: &str = r#"
+version: 1
+routes:
+  - match: GET /v1/companies
+    resource: companies
+    access: read
+  - match: GET /v1/companies/{company}
+    resource: companies
+    instance: company
+    access: read
+  - match: PUT /v1/companies/{company}
+    resource: companies
+    instance: company
+    access: write
+  - match: GET /status
+    public: true
+principals:
+  analyst: { kind: user, grants: ["companies/a:read", "companies/b:write"] }
+  boss: { kind: user, grants: ["*:*"] }
+"#;
+
+    fn snapshot() -> Snapshot {
+        let mut keys = String::from("version: 1\nkeys:\n");
+        for (id, principal, extra) in [
+            ("an", "analyst", ""),
+            ("bo", "boss", ""),
+            ("ro", "boss", "    scopes: ['*:read']\n"),
+            ("off", "boss", "    active: false\n"),
+            ("old", "boss", "    expires: 2001-01-01T00:00:00Z\n"),
+        ] {
+            keys.push_str(&format!(
+                "  - id: {id}\n    prefix: x\n    hash: {}\n    principal: {principal}\n{extra}",
+                secret::hash_text(&format!("key-{id}"))
+            ));
+        }
+        Snapshot::compile(POLICY, &keys, 1).unwrap().0
+    }
+
+    fn reason(s: &Snapshot, method: Method, path: &str, key: Option<&str>) -> Reason {
+        decide(s, &method, path, Ok(key), 1_800_000_000).reason
+    }
+
+    #[test]
+    fn decision_table() {
+        let s = snapshot();
+        use Reason::*;
+        assert_eq!(reason(&s, Method::GET, "/status", None), Public);
+        assert_eq!(reason(&s, Method::GET, "/status", Some("garbage")), Public);
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies/a", None),
+            NoCredential
+        );
+        assert_eq!(reason(&s, Method::GET, "/nowhere", None), NoCredential);
+        assert_eq!(
+            reason(&s, Method::GET, "/nowhere", Some("garbage")),
+            UnknownKey
+        );
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies/a", Some("key-off")),
+            InactiveKey
+        );
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies/a", Some("key-old")),
+            ExpiredKey
+        );
+        assert_eq!(reason(&s, Method::GET, "/nowhere", Some("key-bo")), NoRoute);
+        assert_eq!(
+            reason(&s, Method::POST, "/v1/companies", Some("key-bo")),
+            NoRoute
+        );
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies/a", Some("key-an")),
+            Granted
+        );
+        assert_eq!(
+            reason(&s, Method::PUT, "/v1/companies/a", Some("key-an")),
+            Forbidden
+        );
+        assert_eq!(
+            reason(&s, Method::PUT, "/v1/companies/b", Some("key-an")),
+            Granted
+        );
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies/c", Some("key-an")),
+            Forbidden
+        );
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies", Some("key-an")),
+            Forbidden
+        );
+        assert_eq!(
+            reason(&s, Method::HEAD, "/v1/companies", Some("key-bo")),
+            Granted
+        );
+        assert_eq!(
+            reason(&s, Method::PUT, "/v1/companies/a", Some("key-ro")),
+            Forbidden
+        );
+        assert_eq!(
+            reason(&s, Method::GET, "/v1/companies/a", Some("key-ro")),
+            Granted
+        );
+    }
+
+    #[test]
+    fn ambiguous_credentials_are_unauthenticated() {
+        let s = snapshot();
+        let d = decide(
+            &s,
+            &Method::GET,
+            "/v1/companies",
+            Err(CredentialError::Ambiguous),
+            0,
+        );
+        assert_eq!(d.reason, Reason::AmbiguousCredential);
+        assert!(d.reason.is_unauthenticated());
+    }
+}

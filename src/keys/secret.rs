@@ -1,0 +1,100 @@
+//! Key strings: generation, hashing and the display prefix.
+//!
+//! A key is `pcs_` + an 8-character id + 32 random characters (base62, ~190 bits). The id inside
+//! the key makes the display prefix (`pcs_` + the id's first 6 characters) recognisable.
+
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+/// The fixed start of every key this tool makes.
+pub const KEY_PREFIX: &str = "pcs_";
+/// How many characters of the key are kept for display.
+pub const DISPLAY_PREFIX_LEN: usize = 10;
+
+/// A freshly made key: the secret (shown once) and what the keys file keeps.
+pub struct NewKey {
+    /// The plaintext key; print it once, store it nowhere.
+    pub secret: String,
+    /// The public id.
+    pub id: String,
+    /// The first 10 characters.
+    pub prefix: String,
+    /// `sha256:<hex>`.
+    pub hash: String,
+}
+
+/// Makes a new random key with the OS's random source.
+pub fn generate() -> NewKey {
+    let mut rng = rand::rngs::OsRng;
+    let id: String = (&mut rng)
+        .sample_iter(&Alphanumeric)
+        .take(8)
+        .map(char::from)
+        .collect();
+    let secret_part: String = (&mut rng)
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    let secret = format!("{KEY_PREFIX}{id}{secret_part}");
+    NewKey {
+        prefix: secret[..DISPLAY_PREFIX_LEN].to_string(),
+        hash: hash_text(&secret),
+        id,
+        secret,
+    }
+}
+
+/// SHA-256 of a key.
+#[inline]
+pub fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// `sha256:<hex>` as stored in the keys file.
+pub fn hash_text(key: &str) -> String {
+    format!("sha256:{}", hex::encode(digest(key)))
+}
+
+/// Parses `sha256:<64 hex>`.
+pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
+    let hex_part = text.strip_prefix("sha256:")?;
+    if hex_part.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    Some(out)
+}
+
+/// The prefix as shown to people: `pcs_k7Hq2m***`.
+pub fn masked(prefix: &str) -> String {
+    format!("{prefix}***")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let a = generate();
+        let b = generate();
+        assert_ne!(a.secret, b.secret);
+        assert_eq!(a.secret.len(), 44);
+        assert!(a.secret.starts_with("pcs_"));
+        assert_eq!(&a.secret[4..12], a.id);
+        assert_eq!(a.prefix, &a.secret[..10]);
+        assert_eq!(parse_hash(&a.hash), Some(digest(&a.secret)));
+    }
+
+    #[test]
+    fn hash_parsing_is_strict() {
+        assert!(parse_hash("sha256:abc").is_none());
+        assert!(parse_hash(&format!("md5:{}", "0".repeat(64))).is_none());
+        assert!(parse_hash(&format!("sha256:{}", "g".repeat(64))).is_none());
+        assert!(parse_hash(&format!("sha256:{}", "A".repeat(64))).is_some());
+    }
+}

@@ -1,0 +1,185 @@
+//! The one place that turns a denial or a proxy failure into an HTTP answer.
+//!
+//! The client gets a generic RFC 9457 problem body; the precise reason goes to the audit event.
+//! Bodies never name keys, principals or grants.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+
+use super::ProxyBody;
+use crate::decision::Reason;
+use crate::policy::grant::Access;
+
+/// Why portcullis answers a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A decision said no.
+    Denied(Reason, Option<Access>),
+    /// Request headers larger than configured.
+    HeadersTooLarge,
+    /// The backend could not be reached.
+    UpstreamUnreachable,
+    /// The backend did not answer in time.
+    UpstreamTimeout,
+}
+
+struct Problem {
+    status: StatusCode,
+    slug: &'static str,
+    title: &'static str,
+    detail: String,
+}
+
+fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -> Problem {
+    let (status, slug, title, detail) = match refusal {
+        Refusal::Denied(Reason::BadPath, _) => (
+            StatusCode::BAD_REQUEST,
+            "bad-path",
+            "Bad request path",
+            "The request path cannot be normalised safely: it has invalid percent-encoding, an encoded '/' or '\\', or a NUL.".to_string(),
+        ),
+        Refusal::Denied(Reason::AmbiguousCredential, _) => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "The request carries more than one different credential, or a malformed one. Send exactly one API key.".to_string(),
+        ),
+        Refusal::Denied(reason, _) if reason.is_unauthenticated() => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "A valid API key is required: it is missing, unknown, inactive or expired. Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.".to_string(),
+        ),
+        Refusal::Denied(Reason::Forbidden, access) => (
+            deny_status,
+            "forbidden",
+            "Forbidden",
+            match (access, resource) {
+                (Some(a), Some(r)) => format!("This API key does not have {a} access to {r}."),
+                _ => "This API key may not make this request.".to_string(),
+            },
+        ),
+        Refusal::Denied(_, _) => (
+            deny_status,
+            "forbidden",
+            "Forbidden",
+            "No rule allows this request with this API key.".to_string(),
+        ),
+        Refusal::HeadersTooLarge => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request header fields too large",
+            "The request headers are larger than this service accepts.".to_string(),
+        ),
+        Refusal::UpstreamUnreachable => (
+            StatusCode::BAD_GATEWAY,
+            "bad-gateway",
+            "Bad gateway",
+            "The service behind this gateway could not be reached.".to_string(),
+        ),
+        Refusal::UpstreamTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "gateway-timeout",
+            "Gateway timeout",
+            "The service behind this gateway did not answer in time.".to_string(),
+        ),
+    };
+    Problem {
+        status,
+        slug,
+        title,
+        detail,
+    }
+}
+
+/// Builds the answer for a refusal. `resource` is the matched route's resource, shown only in a
+/// `forbidden` detail so the client knows what access it lacks.
+pub fn respond(
+    refusal: Refusal,
+    deny_status: StatusCode,
+    resource: Option<&str>,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let problem = describe(refusal, deny_status, resource);
+    let body = serde_json::json!({
+        "type": format!("https://portcullis.dev/problems/{}", problem.slug),
+        "title": problem.title,
+        "status": problem.status.as_u16(),
+        "detail": problem.detail,
+        "request_id": request_id,
+    });
+    let mut response = Response::new(
+        http_body_util::Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = problem.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if problem.status == StatusCode::UNAUTHORIZED {
+        headers.append(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"portcullis\""),
+        );
+        headers.append(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"portcullis\", charset=\"UTF-8\""),
+        );
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn body_json(response: Response<ProxyBody>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_is_401_with_challenge() {
+        let r = respond(
+            Refusal::Denied(Reason::ExpiredKey, None),
+            StatusCode::FORBIDDEN,
+            None,
+            "rid",
+        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().get(WWW_AUTHENTICATE).is_some());
+        let json = body_json(r).await;
+        assert_eq!(json["status"], 401);
+        assert_eq!(json["request_id"], "rid");
+    }
+
+    #[tokio::test]
+    async fn forbidden_uses_deny_status() {
+        let r = respond(
+            Refusal::Denied(Reason::Forbidden, Some(Access::Write)),
+            StatusCode::UNAUTHORIZED,
+            Some("datasets"),
+            "x",
+        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let json = body_json(r).await;
+        assert_eq!(
+            json["detail"],
+            "This API key does not have write access to datasets."
+        );
+        let r = respond(
+            Refusal::Denied(Reason::BadPath, None),
+            StatusCode::FORBIDDEN,
+            None,
+            "x",
+        );
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,165 @@
+//! Sending an allowed request to the backend and relaying its answer, bodies streamed both ways.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::deny::Refusal;
+use super::headers;
+use super::ProxyBody;
+use crate::keys::KeyRecord;
+
+/// The pooled keep-alive client to the backend.
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    timeout: Duration,
+}
+
+/// What the forwarder needs to know about the request besides the request itself.
+pub struct ForwardContext<'a> {
+    /// The normalised path, which is what the backend receives.
+    pub path: &'a str,
+    /// The identified key, if any.
+    pub key: Option<&'a KeyRecord>,
+    /// The peer address of the client connection.
+    pub client: SocketAddr,
+    /// `http` or `https` as seen by the client.
+    pub proto: &'static str,
+    /// The request id to pass on.
+    pub request_id: &'a HeaderValue,
+}
+
+impl Upstream {
+    /// A client for `base` (scheme and authority only).
+    pub fn new(base: &Uri, connect_timeout: Duration, timeout: Duration) -> anyhow::Result<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let parts = base.clone().into_parts();
+        Ok(Upstream {
+            client,
+            scheme: parts
+                .scheme
+                .ok_or_else(|| anyhow::anyhow!("upstream has no scheme"))?,
+            authority: parts
+                .authority
+                .ok_or_else(|| anyhow::anyhow!("upstream has no host"))?,
+            timeout,
+        })
+    }
+
+    /// Forwards the request; returns the backend's response or the refusal to answer with.
+    pub async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        ctx: ForwardContext<'_>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let wants_upgrade = request.version() == Version::HTTP_11
+            && request.headers().contains_key(header::UPGRADE)
+            && connection_has_upgrade(request.headers());
+        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        parts.uri = self.target(ctx.path, parts.uri.query());
+        if !parts.headers.contains_key(header::HOST) {
+            let host = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .unwrap_or_default();
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        parts.version = Version::HTTP_11;
+        headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
+        headers::strip_client_identity(&mut parts.headers);
+        if let Some(key) = ctx.key {
+            headers::set_identity(&mut parts.headers, key);
+        }
+        headers::set_forwarded(&mut parts.headers, ctx.client.ip(), ctx.proto);
+        parts
+            .headers
+            .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
+        let outbound = Request::from_parts(parts, body);
+        let mut response =
+            match tokio::time::timeout(self.timeout, self.client.request(outbound)).await {
+                Err(_) => return Err(Refusal::UpstreamTimeout),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                    return Err(Refusal::UpstreamUnreachable);
+                }
+                Ok(Ok(r)) => r,
+            };
+        let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        match (upgraded, client_upgrade) {
+            (true, Some(client_side)) => {
+                let backend_side = hyper::upgrade::on(&mut response);
+                tokio::spawn(splice(client_side, backend_side));
+            }
+            _ => headers::strip_hop_by_hop(response.headers_mut(), false),
+        }
+        Ok(response.map(|b| b.boxed_unsync()))
+    }
+
+    fn target(&self, path: &str, query: Option<&str>) -> Uri {
+        let path_and_query = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = path_and_query.parse().ok();
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+    }
+}
+
+fn connection_has_upgrade(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Copies bytes both ways between an upgraded client connection and backend connection.
+async fn splice(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(error = %e, "connection upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

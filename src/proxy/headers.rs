@@ -1,0 +1,209 @@
+//! Header rewriting between client and backend: hop-by-hop removal, credential removal,
+//! identity headers the client cannot forge, and the forwarding headers.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::keys::credential::{self, X_API_KEY};
+use crate::keys::KeyRecord;
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_PRINCIPAL: HeaderName = HeaderName::from_static("x-portcullis-principal");
+static X_PRINCIPAL_KIND: HeaderName = HeaderName::from_static("x-portcullis-principal-kind");
+static X_KEY_ID: HeaderName = HeaderName::from_static("x-portcullis-key-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+fn hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+    ]
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` is
+/// removed too unless `keep_upgrade`, in which case `Connection: upgrade` is put back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != header::UPGRADE || !keep_upgrade {
+            headers.remove(&name);
+        }
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Removes everything a client must not pass to the backend: key-carrying credential headers and
+/// any identity headers it made up.
+pub fn strip_client_identity(headers: &mut HeaderMap) {
+    headers.remove(&X_API_KEY);
+    let authorizations: Vec<HeaderValue> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| !credential::is_credential_authorization(v))
+        .cloned()
+        .collect();
+    headers.remove(header::AUTHORIZATION);
+    for v in authorizations {
+        headers.append(header::AUTHORIZATION, v);
+    }
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-portcullis-"))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(&name);
+    }
+}
+
+/// Sets the identity headers for a key the proxy identified.
+pub fn set_identity(headers: &mut HeaderMap, key: &KeyRecord) {
+    let put = |headers: &mut HeaderMap, name: &HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name.clone(), v);
+        }
+    };
+    put(headers, &X_PRINCIPAL, &key.principal.name);
+    put(headers, &X_PRINCIPAL_KIND, key.principal.kind.as_str());
+    put(headers, &X_KEY_ID, &key.id);
+}
+
+/// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` (and
+/// `X-Forwarded-Host` when the client named a host).
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+    let append = |headers: &mut HeaderMap, name: &HeaderName, entry: String| {
+        let joined = match headers.get(name).and_then(|v| v.to_str().ok()) {
+            Some(existing) if !existing.trim().is_empty() => format!("{existing}, {entry}"),
+            _ => entry,
+        };
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            headers.insert(name.clone(), v);
+        }
+    };
+    append(headers, &X_FORWARDED_FOR, client.to_string());
+    let node = match client {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let forwarded = match &host {
+        Some(h) => format!("for={node};host=\"{h}\";proto={proto}"),
+        None => format!("for={node};proto={proto}"),
+    };
+    append(headers, &FORWARDED, forwarded);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Some(h) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        headers.insert(X_FORWARDED_HOST.clone(), h);
+    }
+}
+
+/// The client's request id when it is sane (1–128 of `[A-Za-z0-9._:-]`), else none.
+pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(&X_REQUEST_ID)?.to_str().ok()?;
+    let sane = (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    sane.then_some(value)
+}
+
+/// Total size of the request headers as they would appear on the wire.
+pub fn total_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn credentials_and_forged_identity_go_other_authorization_stays() {
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, "Bearer k".parse().unwrap());
+        h.append(header::AUTHORIZATION, "Digest abc".parse().unwrap());
+        h.insert("x-api-key", "k".parse().unwrap());
+        h.insert("x-portcullis-principal", "root".parse().unwrap());
+        h.insert("X-Portcullis-Whatever", "1".parse().unwrap());
+        strip_client_identity(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Digest abc");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        set_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, ::1");
+        assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=http");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "abc-123".parse().unwrap());
+        assert_eq!(client_request_id(&h), Some("abc-123"));
+        h.insert("x-request-id", "a b".parse().unwrap());
+        assert_eq!(client_request_id(&h), None);
+        h.insert("x-request-id", "a".repeat(129).parse().unwrap());
+        assert_eq!(client_request_id(&h), None);
+    }
+}

@@ -1,4 +1,5 @@
-//! The admin listener: health and readiness for orchestrators, kept off the proxy port.
+//! The admin listener, kept off the proxy port: health and readiness for orchestrators,
+//! Prometheus metrics, and per-key usage (`/keys`, never a key or a hash).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::state::LiveState;
+use crate::keys::secret;
+use crate::metrics::Metrics;
+use crate::state::{LiveState, Snapshot};
 
 /// Whether the process should receive traffic.
 #[derive(Default)]
@@ -39,12 +42,28 @@ pub struct Admin {
     pub state: LiveState,
     /// Drain flag.
     pub readiness: Arc<Readiness>,
+    /// What `/metrics` renders.
+    pub registry: prometheus::Registry,
 }
 
 impl Admin {
     fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         let (status, body) = match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, "ok\n".to_string()),
+            (&Method::GET | &Method::HEAD, "/metrics") => {
+                return text_response(
+                    StatusCode::OK,
+                    Metrics::render(&self.registry),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                );
+            }
+            (&Method::GET | &Method::HEAD, "/keys") => {
+                return text_response(
+                    StatusCode::OK,
+                    keys_json(&self.state.load()),
+                    "application/json",
+                );
+            }
             (&Method::GET | &Method::HEAD, "/readyz") => {
                 if self.readiness.is_draining() {
                     (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
@@ -55,14 +74,55 @@ impl Admin {
             }
             _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
         };
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        response
+        text_response(status, body, "text/plain; charset=utf-8")
     }
+}
+
+fn text_response(
+    status: StatusCode,
+    body: String,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// The key list with usage, as JSON. Never a key or a hash.
+pub fn keys_json(snapshot: &Snapshot) -> String {
+    let time = |t: Option<i64>| {
+        t.and_then(rfc3339)
+            .map_or(serde_json::Value::Null, serde_json::Value::from)
+    };
+    let keys: Vec<serde_json::Value> = snapshot
+        .keys
+        .records()
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "id": &*k.id,
+                "prefix": secret::masked(&k.prefix),
+                "principal": &*k.principal.name,
+                "purpose": k.purpose.as_deref(),
+                "active": k.active,
+                "created": time(k.created),
+                "expires": time(k.expires),
+                "calls": k.usage.calls(),
+                "last_used": time(k.usage.last_used()),
+            })
+        })
+        .collect();
+    serde_json::json!({ "generation": snapshot.generation, "keys": keys }).to_string()
+}
+
+fn rfc3339(secs: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(secs).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 /// Serves the admin endpoints until the task is dropped.

@@ -1,17 +1,20 @@
-//! Wiring: the only module that knows every other one. Builds the state, the listeners and the
-//! signal handling, and runs until shutdown.
+//! Wiring: the only module that knows every other one. Builds metrics, the live state, TLS, the
+//! watchers and the listeners, and runs until shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use prometheus::Registry;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::{self, Admin, Readiness};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::forward::Upstream;
 use crate::proxy::server::{self, ConnectionLimits};
 use crate::proxy::service::{RequestIds, Service};
-use crate::reload::Loader;
+use crate::reload::{Loader, TlsFiles};
+use crate::tls::{self, CertResolver};
 
 /// Errors that end the program, split by exit code.
 #[derive(Debug, thiserror::Error)]
@@ -24,26 +27,10 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
-/// How long in-flight requests get after SIGTERM.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(25);
+/// How long to wait after a file event before reloading, so a burst of writes is one reload.
+const DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// Runs the proxy with a loaded config until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> Result<(), RunError> {
-    let loader = Loader::start(config.policy.clone(), config.keys.clone())
-        .map_err(|p| RunError::Config(p.to_string()))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let readiness = Arc::new(Readiness::default());
-    let started = start(&config, &loader, stop_rx, readiness.clone()).await?;
-    spawn_signal_handlers(loader, readiness, stop_tx)?;
-    started
-        .task
-        .await
-        .map_err(|e| RunError::Other(anyhow::anyhow!("proxy task failed: {e}")))?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// A running proxy: where it listens and the task that ends after shutdown and draining.
+/// A running proxy.
 pub struct Started {
     /// The proxy listener's address.
     pub proxy: std::net::SocketAddr,
@@ -51,19 +38,72 @@ pub struct Started {
     pub admin: std::net::SocketAddr,
     /// Ends when the proxy has drained.
     pub task: tokio::task::JoinHandle<()>,
+    /// Reloads on demand (SIGHUP).
+    pub loader: Arc<Loader>,
+    /// Flip to true to begin a graceful shutdown.
+    pub stop: watch::Sender<bool>,
+    /// Readiness, turned off when draining.
+    pub readiness: Arc<Readiness>,
+    _watch: crate::watch::FileWatch,
 }
 
-/// Binds both listeners and starts serving.
-pub async fn start(
-    config: &Config,
-    loader: &Arc<Loader>,
-    stop: watch::Receiver<bool>,
-    readiness: Arc<Readiness>,
-) -> Result<Started, RunError> {
+/// Runs the proxy with a loaded config until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let started = start(&config).await?;
+    spawn_signal_handlers(
+        started.loader.clone(),
+        started.readiness.clone(),
+        started.stop.clone(),
+    )?;
+    let Started { task, .. } = started;
+    task.await
+        .map_err(|e| RunError::Other(anyhow::anyhow!("proxy task failed: {e}")))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads the state, binds both listeners, starts watching files, and starts serving.
+pub async fn start(config: &Config) -> Result<Started, RunError> {
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry, config.metrics.per_key)
+        .map_err(|e| RunError::Other(e.into()))?;
+    let tls_files = match &config.tls {
+        None => None,
+        Some(t) => {
+            let key = tls::load_certified_key(&t.cert, &t.key).map_err(RunError::Config)?;
+            Some(TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                resolver: Arc::new(CertResolver::new(key)),
+            })
+        }
+    };
+    let acceptor = match (&config.tls, &tls_files) {
+        (Some(t), Some(files)) => {
+            let server = tls::server_config(t, files.resolver.clone()).map_err(RunError::Config)?;
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+        }
+        _ => None,
+    };
+    let loader = Loader::start(
+        config.policy.clone(),
+        config.keys.clone(),
+        metrics.clone(),
+        tls_files,
+    )
+    .map_err(|p| RunError::Config(p.to_string()))?;
+    let upstream_tls = match config.upstream.scheme_str() {
+        Some("https") => Some(
+            tls::upstream_client_config(config.upstream_tls.ca.as_deref())
+                .map_err(RunError::Config)?,
+        ),
+        _ => None,
+    };
     let upstream = Upstream::new(
         &config.upstream,
         config.upstream_connect_timeout,
         config.upstream_timeout,
+        upstream_tls,
     )?;
     let service = Arc::new(Service {
         state: loader.state(),
@@ -71,38 +111,64 @@ pub async fn start(
         deny_status: config.deny_status,
         max_header_bytes: config.max_header_bytes,
         ids: RequestIds::new(),
-        proto: "http",
+        proto: if acceptor.is_some() { "https" } else { "http" },
+        metrics: metrics.clone(),
+        access_log: config.log.access_log,
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),
         max_header_list_size: u32::try_from(config.max_header_bytes * 2).unwrap_or(u32::MAX),
         header_read_timeout: Duration::from_secs(30),
     };
-    let proxy_listener = server::bind(config.listen, "proxy")
+    let proxy_listener = server::bind(config.listen, "proxy", acceptor.is_some())
         .await
         .map_err(|e| RunError::Config(e.to_string()))?;
-    let admin_listener = server::bind(config.admin, "admin")
+    let admin_listener = server::bind(config.admin, "admin", false)
         .await
         .map_err(|e| RunError::Config(e.to_string()))?;
+    let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin {
         state: loader.state(),
-        readiness,
+        readiness: readiness.clone(),
+        registry,
     });
     let proxy = proxy_listener.local_addr().map_err(anyhow::Error::from)?;
     let admin_addr = admin_listener.local_addr().map_err(anyhow::Error::from)?;
     tokio::spawn(admin::serve(admin_listener, admin));
+    let file_watch = spawn_reloader(loader.clone());
+    let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(server::serve(
         proxy_listener,
+        acceptor,
         service,
         limits,
-        stop,
-        DEFAULT_GRACE,
+        stop_rx,
+        config.grace_period,
     ));
     Ok(Started {
         proxy,
         admin: admin_addr,
         task,
+        loader,
+        stop,
+        readiness,
+        _watch: file_watch,
     })
+}
+
+/// Watches the loader's files and reloads (debounced) on every change.
+fn spawn_reloader(loader: Arc<Loader>) -> crate::watch::FileWatch {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let guard = crate::watch::watch(loader.watched_files(), tx);
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
+            let loader = loader.clone();
+            let _ = tokio::task::spawn_blocking(move || loader.reload()).await;
+        }
+    });
+    guard
 }
 
 #[cfg(unix)]
@@ -117,7 +183,9 @@ fn spawn_signal_handlers(
     let mut int = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            reload(&loader);
+            tracing::info!("SIGHUP: reloading");
+            let loader = loader.clone();
+            let _ = tokio::task::spawn_blocking(move || loader.reload()).await;
         }
     });
     tokio::spawn(async move {
@@ -143,16 +211,4 @@ fn spawn_signal_handlers(
         let _ = stop.send(true);
     });
     Ok(())
-}
-
-/// Reloads and logs the outcome; the current state keeps serving on failure.
-pub fn reload(loader: &Loader) {
-    match loader.reload() {
-        Ok(generation) => tracing::info!(generation, "reloaded policy and keys"),
-        Err(problems) => {
-            for line in problems.to_string().lines() {
-                tracing::error!("reload rejected, previous state keeps serving: {line}");
-            }
-        }
-    }
 }

@@ -22,6 +22,53 @@ struct ConfigFile {
     upstream_connect_timeout: Option<String>,
     upstream_timeout: Option<String>,
     max_header_bytes: Option<usize>,
+    grace_period: Option<String>,
+    tls: Option<TlsConfig>,
+    upstream_tls: Option<UpstreamTlsConfig>,
+    metrics: Option<MetricsConfig>,
+    log: Option<LogConfig>,
+}
+
+/// `tls:`: terminate TLS on the proxy listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `upstream_tls:`: trust for an https upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// CA bundle, PEM; without it the system roots are used.
+    pub ca: Option<PathBuf>,
+}
+
+/// `metrics:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Per-key Prometheus series (one series per key: mind the cardinality).
+    #[serde(default)]
+    pub per_key: bool,
+}
+
+/// `log:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: Option<String>,
+    /// A filter like `info` or `portcullis=debug` (RUST_LOG syntax); `PORTCULLIS_LOG` overrides.
+    pub level: Option<String>,
+    /// One log line per request.
+    #[serde(default)]
+    pub access_log: bool,
 }
 
 /// The validated process configuration.
@@ -45,6 +92,16 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Largest total size of request headers accepted (→ 431).
     pub max_header_bytes: usize,
+    /// How long in-flight requests get after SIGTERM.
+    pub grace_period: Duration,
+    /// TLS termination, when configured.
+    pub tls: Option<TlsConfig>,
+    /// Trust for an https upstream.
+    pub upstream_tls: UpstreamTlsConfig,
+    /// Metrics options.
+    pub metrics: MetricsConfig,
+    /// Logging options.
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -60,6 +117,11 @@ impl Config {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
+            grace_period: Duration::from_secs(25),
+            tls: None,
+            upstream_tls: UpstreamTlsConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
         }
     }
 
@@ -116,7 +178,23 @@ impl Config {
                 format!("deny_status must be 401 or 403, not {other}"),
             ),
         }
+        config.tls = file.tls.map(|mut t| {
+            t.cert = base.join(&t.cert);
+            t.key = base.join(&t.key);
+            t.client_ca = t.client_ca.map(|c| base.join(c));
+            t
+        });
+        config.upstream_tls = file.upstream_tls.unwrap_or_default();
+        config.upstream_tls.ca = config.upstream_tls.ca.take().map(|c| base.join(c));
+        config.metrics = file.metrics.unwrap_or_default();
+        config.log = file.log.unwrap_or_default();
+        if let Some(f) = config.log.format.as_deref() {
+            if f != "text" && f != "json" {
+                fail("log", format!("log.format must be text or json, not {f:?}"));
+            }
+        }
         for (field, text, slot) in [
+            ("grace_period", &file.grace_period, &mut config.grace_period),
             (
                 "upstream_connect_timeout",
                 &file.upstream_connect_timeout,

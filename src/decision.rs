@@ -212,7 +212,9 @@ principals:
                 secret::hash_text(&format!("key-{id}"))
             ));
         }
-        Snapshot::compile(POLICY, &keys, 1).unwrap().0
+        Snapshot::compile(POLICY, &keys, 1, &Default::default())
+            .unwrap()
+            .0
     }
 
     fn reason(s: &Snapshot, method: Method, path: &str, key: Option<&str>) -> Reason {

@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -13,13 +12,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-use crate::admin::Readiness;
 use crate::app::{self, RunError};
 use crate::cli::keys::create;
 use crate::config::Config;
-use crate::reload::Loader;
 
 /// The policy the demo runs with.
 pub const DEMO_POLICY: &str = include_str!("../policies/demo.yaml");
@@ -49,15 +45,12 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     config.admin = SocketAddr::from(([127, 0, 0, 1], 0));
     config.policy = policy;
     config.keys = keys;
-    let loader = Loader::start(config.policy.clone(), config.keys.clone())
-        .map_err(|p| RunError::Config(p.to_string()))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let readiness = Arc::new(Readiness::default());
-    let started = app::start(&config, &loader, stop_rx, readiness.clone()).await?;
+    config.grace_period = std::time::Duration::from_secs(2);
+    let started = app::start(&config).await?;
     print_instructions(&alice, &bob, backend_addr, started.proxy);
     let _ = tokio::signal::ctrl_c().await;
-    readiness.start_draining();
-    let _ = stop_tx.send(true);
+    started.readiness.start_draining();
+    let _ = started.stop.send(true);
     let _ = started.task.await;
     Ok(())
 }

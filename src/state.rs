@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::diagnostic::Problem;
-use crate::keys::{self, KeyStore};
+use crate::keys::{self, KeyStore, UsageTable};
 use crate::policy::{self, Policy};
 
 /// Policy and keys that belong together, with a generation number bumped on every good load.
@@ -40,11 +40,12 @@ impl Snapshot {
         policy_text: &str,
         keys_text: &str,
         generation: u64,
+        usage: &UsageTable,
     ) -> Result<(Snapshot, Vec<Problem>), SourceProblems> {
         let policy = policy::compile(policy_text).map_err(|p| (Source::Policy, p))?;
         let keys_file = keys::file::parse(keys_text).map_err(|p| (Source::Keys, vec![p]))?;
         let compiled =
-            keys::compile(&keys_file, &policy, keys_text).map_err(|p| (Source::Keys, p))?;
+            keys::compile(&keys_file, &policy, keys_text, usage).map_err(|p| (Source::Keys, p))?;
         Ok((
             Snapshot {
                 generation,

@@ -35,7 +35,7 @@ pub fn run(files: &FileArgs) -> Result<(), CommandError> {
         })?;
         match keys::file::parse(&keys_text) {
             Err(p) => reports.push(FileProblems::new(keys_path, vec![p])),
-            Ok(file) => match keys::compile(&file, policy, &keys_text) {
+            Ok(file) => match keys::compile(&file, policy, &keys_text, &Default::default()) {
                 Err(problems) => reports.push(FileProblems::new(keys_path, problems)),
                 Ok(c) if !c.warnings.is_empty() => {
                     reports.push(FileProblems::new(keys_path, c.warnings))

@@ -20,8 +20,8 @@ pub fn run(
 ) -> Result<(), CommandError> {
     let (policy_path, keys_path, _) = resolve_files(files)?;
     let keys_path = keys_path.ok_or_else(|| CommandError::Usage("explain needs --keys".into()))?;
-    let (snapshot, _) = compile_files(&policy_path, &keys_path, 1)
-        .map_err(|p| CommandError::Usage(p.to_string()))?;
+    let (snapshot, _) = compile_files(&policy_path, &keys_path, 1, &Default::default())
+        .map_err(|(_, p)| CommandError::Usage(p.to_string()))?;
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .map_err(|_| CommandError::Usage(format!("{method:?} is not an HTTP method")))?;
     let key = snapshot

@@ -10,7 +10,8 @@ pub mod secret;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::diagnostic::Problem;
 use crate::policy::grant::{self, Grant};
@@ -48,6 +49,57 @@ impl Hasher for DigestHasher {
     }
 }
 
+/// A key's call count and last use, shared across reloads so counts survive a keys-file change.
+#[derive(Debug, Default)]
+pub struct Usage {
+    calls: AtomicU64,
+    last_used: AtomicI64,
+}
+
+impl Usage {
+    /// Counts one call at `now` (Unix seconds). Lock-free.
+    #[inline]
+    pub fn record(&self, now: i64) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.last_used.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Calls so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Unix seconds of the last call, if any.
+    pub fn last_used(&self) -> Option<i64> {
+        let t = self.last_used.load(Ordering::Relaxed);
+        (t > 0).then_some(t)
+    }
+}
+
+/// Usage cells by key id. Only touched while compiling a store, never on the request path.
+#[derive(Default)]
+pub struct UsageTable {
+    cells: Mutex<HashMap<Box<str>, Arc<Usage>>>,
+}
+
+impl UsageTable {
+    fn cells_for(&self, ids: &[&str]) -> Vec<Arc<Usage>> {
+        let mut cells = match self.cells.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let out: Vec<Arc<Usage>> = ids
+            .iter()
+            .map(|id| cells.entry((*id).into()).or_default().clone())
+            .collect();
+        if cells.len() > ids.len() {
+            let keep: std::collections::HashSet<&str> = ids.iter().copied().collect();
+            cells.retain(|id, _| keep.contains(&**id));
+        }
+        out
+    }
+}
+
 /// One usable key, with everything a decision needs.
 #[derive(Debug)]
 pub struct KeyRecord {
@@ -65,6 +117,14 @@ pub struct KeyRecord {
     pub active: bool,
     /// Unix seconds after which the key answers 401.
     pub expires: Option<i64>,
+    /// Unix seconds of creation, when known.
+    pub created: Option<i64>,
+    /// What the key is for.
+    pub purpose: Option<Box<str>>,
+    /// Call count and last use.
+    pub usage: Arc<Usage>,
+    /// Position in the store.
+    pub index: u32,
 }
 
 /// What a presented key turned out to be.
@@ -126,6 +186,16 @@ impl KeyStore {
         self.by_id.get(id).map(|i| &self.records[*i as usize])
     }
 
+    /// A key by its position.
+    pub fn get(&self, index: u32) -> Option<&KeyRecord> {
+        self.records.get(index as usize)
+    }
+
+    /// Every key in file order.
+    pub fn records(&self) -> &[KeyRecord] {
+        &self.records
+    }
+
     /// Number of usable keys.
     pub fn len(&self) -> usize {
         self.records.len()
@@ -142,13 +212,21 @@ impl KeyStore {
 /// a key whose principal no longer exists is left out and a scope naming an unknown resource is
 /// dropped (narrowing the key further), each with a warning, so removing a principal from the
 /// policy revokes its keys instead of blocking the policy reload.
-pub fn compile(file: &KeysFile, policy: &Policy, source: &str) -> Result<Compiled, Vec<Problem>> {
+pub fn compile(
+    file: &KeysFile,
+    policy: &Policy,
+    source: &str,
+    usage: &UsageTable,
+) -> Result<Compiled, Vec<Problem>> {
+    let ids: Vec<&str> = file.keys.iter().map(|k| k.id.as_str()).collect();
+    let mut cells = usage.cells_for(&ids).into_iter();
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let mut store = KeyStore::default();
     store.by_hash.reserve(file.keys.len());
     store.records.reserve(file.keys.len());
     for (index, entry) in file.keys.iter().enumerate() {
+        let cell = cells.next().unwrap_or_default();
         let at = |field: Option<&str>, message: String| {
             let (line, column) = file::locate(source, index, field);
             Problem::at(line, column, message)
@@ -174,12 +252,15 @@ pub fn compile(file: &KeysFile, policy: &Policy, source: &str) -> Result<Compile
                 continue;
             }
         };
-        if let Some(Err(e)) = entry.created.as_deref().map(parse_time) {
-            errors.push(at(
-                Some("created"),
-                format!("key {:?}: created: {e}", entry.id),
-            ));
-        }
+        let created = match entry.created.as_deref().map(parse_time) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                let message = format!("key {:?}: created: {e}", entry.id);
+                errors.push(at(Some("created"), message));
+                None
+            }
+        };
         let Some(principal) = policy.principal(&entry.principal) else {
             warnings.push(at(
                 Some("principal"),
@@ -237,6 +318,10 @@ pub fn compile(file: &KeysFile, policy: &Policy, source: &str) -> Result<Compile
             scoped: entry.scopes.is_some(),
             active: entry.active,
             expires,
+            created,
+            purpose: entry.purpose.as_deref().map(Into::into),
+            usage: cell,
+            index: record_index,
         });
     }
     if errors.is_empty() {
@@ -284,7 +369,7 @@ mod tests {
             ("b", "pcs_read", "alice", Some("'*:read'")),
         ]);
         let file = file::parse(&text).unwrap();
-        let compiled = compile(&file, &policy, &text).unwrap();
+        let compiled = compile(&file, &policy, &text, &UsageTable::default()).unwrap();
         let ds = policy.resource_id("datasets").unwrap();
         let KeyLookup::Valid(full) = compiled.store.lookup("pcs_full", 0) else {
             panic!()
@@ -306,7 +391,7 @@ mod tests {
         let policy = crate::policy::compile(POLICY).unwrap();
         let text = keys_text(&[("a", "pcs_wide", "alice", Some("'*:*'"))]);
         let file = file::parse(&text).unwrap();
-        let compiled = compile(&file, &policy, &text).unwrap();
+        let compiled = compile(&file, &policy, &text, &UsageTable::default()).unwrap();
         let ds = policy.resource_id("datasets").unwrap();
         let KeyLookup::Valid(k) = compiled.store.lookup("pcs_wide", 0) else {
             panic!()
@@ -319,7 +404,13 @@ mod tests {
     fn orphans_are_disabled_and_errors_are_located() {
         let policy = crate::policy::compile(POLICY).unwrap();
         let text = keys_text(&[("a", "pcs_x", "ghost", None)]);
-        let compiled = compile(&file::parse(&text).unwrap(), &policy, &text).unwrap();
+        let compiled = compile(
+            &file::parse(&text).unwrap(),
+            &policy,
+            &text,
+            &UsageTable::default(),
+        )
+        .unwrap();
         assert!(compiled.store.is_empty());
         assert_eq!(compiled.warnings.len(), 1);
         let text = keys_text(&[
@@ -328,9 +419,14 @@ mod tests {
             ("a", "pcs_z", "alice", None),
         ])
         .replacen("sha256:", "sha256:zz", 1);
-        let errors = compile(&file::parse(&text).unwrap(), &policy, &text)
-            .err()
-            .unwrap();
+        let errors = compile(
+            &file::parse(&text).unwrap(),
+            &policy,
+            &text,
+            &UsageTable::default(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].line, 5);
     }
@@ -345,7 +441,13 @@ mod tests {
             1,
         );
         text.push_str("    expires: 2020-01-01T00:00:00Z\n");
-        let compiled = compile(&file::parse(&text).unwrap(), &policy, &text).unwrap();
+        let compiled = compile(
+            &file::parse(&text).unwrap(),
+            &policy,
+            &text,
+            &UsageTable::default(),
+        )
+        .unwrap();
         assert!(matches!(
             compiled.store.lookup("pcs_x", 0),
             KeyLookup::Inactive(_)

@@ -78,6 +78,8 @@ pub struct Route {
     pub rule: RouteRule,
     /// Line in the policy file, for `explain`.
     pub line: usize,
+    /// Position in the policy's route list.
+    pub index: usize,
 }
 
 /// A route found for a request, with the instance value when the route names one.
@@ -261,6 +263,7 @@ impl Builder {
             template: path.into(),
             rule,
             line,
+            index,
         });
     }
 

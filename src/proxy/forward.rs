@@ -7,6 +7,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,7 +19,7 @@ use crate::keys::KeyRecord;
 
 /// The pooled keep-alive client to the backend.
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     timeout: Duration,
@@ -40,11 +41,29 @@ pub struct ForwardContext<'a> {
 
 impl Upstream {
     /// A client for `base` (scheme and authority only).
-    pub fn new(base: &Uri, connect_timeout: Duration, timeout: Duration) -> anyhow::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    pub fn new(
+        base: &Uri,
+        connect_timeout: Duration,
+        timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match tls {
+            Some(config) => builder.with_tls_config(config),
+            None => builder.with_tls_config(
+                crate::tls::upstream_client_config(None).map_err(anyhow::Error::msg)?,
+            ),
+        };
+        let connector = builder
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)

@@ -12,6 +12,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 use super::service::Service;
 
@@ -29,6 +32,7 @@ pub struct ConnectionLimits {
 /// Serves the proxy on `listener` until `shutdown` turns true, then drains for at most `grace`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     service: Arc<Service>,
     limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
@@ -66,15 +70,39 @@ pub async fn serve(
             let service = service.clone();
             async move { Ok::<_, Infallible>(service.handle(request, peer).await) }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "client connection ended with an error");
+        match &tls {
+            None => {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, %peer, "client connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                let accept = acceptor.accept(stream);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return tracing::debug!(error = %e, %peer, "TLS handshake failed")
+                        }
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(error = %e, %peer, "client connection ended with an error");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {
@@ -88,12 +116,13 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Binds a listener and prints where, so scripts and tests can find a `:0` port.
-pub async fn bind(addr: SocketAddr, role: &str) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr, role: &str, tls: bool) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({role}): {e}"))?;
     let local = listener.local_addr()?;
-    println!("listening {role} http://{local}");
+    let scheme = if tls { "https" } else { "http" };
+    println!("listening {role} {scheme}://{local}");
     tracing::info!(%local, role, "listening");
     Ok(listener)
 }

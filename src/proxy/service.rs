@@ -1,12 +1,13 @@
 //! One request, start to finish: request id, size check, path normalisation, credential,
-//! decision against one snapshot, then forward or refuse.
+//! decision against one snapshot, then forward or refuse, then record (metrics, usage, log).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::deny::{self, Refusal};
@@ -15,9 +16,11 @@ use super::headers;
 use super::ProxyBody;
 use crate::decision::{self, Reason};
 use crate::keys::credential;
+use crate::metrics::Metrics;
 use crate::path;
+use crate::policy::grant::Access;
 use crate::policy::RouteRule;
-use crate::state::LiveState;
+use crate::state::{LiveState, Snapshot};
 
 /// Makes request ids: a per-process random part and a counter, unique and cheap.
 pub struct RequestIds {
@@ -61,6 +64,22 @@ pub struct Service {
     pub ids: RequestIds,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// Where requests are counted.
+    pub metrics: Metrics,
+    /// One log line per request.
+    pub access_log: bool,
+}
+
+/// What happened to a request, kept by index into its snapshot so recording allocates nothing.
+#[derive(Default)]
+struct Outcome {
+    snapshot: Option<Arc<Snapshot>>,
+    path: String,
+    reason: Option<Reason>,
+    route: Option<usize>,
+    key: Option<u32>,
+    access: Option<Access>,
+    upstream_time: Option<Duration>,
 }
 
 impl Service {
@@ -70,11 +89,17 @@ impl Service {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
+        let started = Instant::now();
         let request_id = match headers::client_request_id(request.headers()) {
             Some(id) => HeaderValue::from_str(id).unwrap_or_else(|_| self.ids.next()),
             None => self.ids.next(),
         };
-        let mut response = self.decide_and_forward(request, client, &request_id).await;
+        let method = request.method().clone();
+        let mut outcome = Outcome::default();
+        let mut response = self
+            .decide_and_forward(request, client, &request_id, &mut outcome)
+            .await;
+        self.record(&outcome, &method, response.status(), started, &request_id);
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID.clone(), request_id);
@@ -86,6 +111,7 @@ impl Service {
         request: Request<Incoming>,
         client: SocketAddr,
         request_id: &HeaderValue,
+        outcome: &mut Outcome,
     ) -> Response<ProxyBody> {
         let rid = request_id.to_str().unwrap_or("");
         if headers::total_size(request.headers()) > self.max_header_bytes {
@@ -95,6 +121,7 @@ impl Service {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(error = %e, "refused path");
+                outcome.reason = Some(Reason::BadPath);
                 let refusal = Refusal::Denied(Reason::BadPath, None);
                 return deny::respond(refusal, self.deny_status, None, rid);
             }
@@ -113,6 +140,13 @@ impl Service {
             credential_ref,
             now,
         );
+        outcome.reason = Some(decision.reason);
+        outcome.route = decision.route.map(|r| r.index);
+        outcome.key = decision.key.map(|k| k.index);
+        outcome.access = decision.access;
+        if let Some(key) = decision.key {
+            key.usage.record(now);
+        }
         if !decision.reason.allows() {
             let resource = match decision.route.map(|r| &r.rule) {
                 Some(RouteRule::Protected { resource, .. }) => {
@@ -121,7 +155,10 @@ impl Service {
                 _ => None,
             };
             let refusal = Refusal::Denied(decision.reason, decision.access);
-            return deny::respond(refusal, self.deny_status, resource, rid);
+            let response = deny::respond(refusal, self.deny_status, resource, rid);
+            outcome.path = normalised;
+            outcome.snapshot = Some(snapshot);
+            return response;
         }
         let ctx = ForwardContext {
             path: &normalised,
@@ -131,9 +168,87 @@ impl Service {
             request_id,
         };
         drop(credential);
-        match self.upstream.forward(request, ctx).await {
+        let sent = Instant::now();
+        let result = self.upstream.forward(request, ctx).await;
+        outcome.upstream_time = Some(sent.elapsed());
+        outcome.path = normalised;
+        outcome.snapshot = Some(snapshot);
+        match result {
             Ok(response) => response,
-            Err(refusal) => deny::respond(refusal, self.deny_status, None, rid),
+            Err(refusal) => {
+                let kind = if refusal == Refusal::UpstreamTimeout {
+                    "timeout"
+                } else {
+                    "connect"
+                };
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[kind])
+                    .inc();
+                deny::respond(refusal, self.deny_status, None, rid)
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        outcome: &Outcome,
+        method: &Method,
+        status: StatusCode,
+        started: Instant,
+        request_id: &HeaderValue,
+    ) {
+        let elapsed = started.elapsed();
+        let snapshot = outcome.snapshot.as_deref();
+        let route = snapshot.and_then(|s| outcome.route.and_then(|i| s.policy.routes().get(i)));
+        let resource = match (snapshot, route.map(|r| &r.rule)) {
+            (Some(s), Some(RouteRule::Protected { resource, .. })) => {
+                s.policy.resource_name(*resource)
+            }
+            _ => "",
+        };
+        let reason = outcome.reason.map_or("refused", Reason::as_str);
+        let decision = if outcome.reason.is_some_and(Reason::allows) {
+            "allow"
+        } else {
+            "deny"
+        };
+        let access = outcome.access.map_or("", Access::as_str);
+        self.metrics
+            .requests
+            .with_label_values(&[decision, reason, resource, access, status.as_str()])
+            .inc();
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        let upstream = outcome.upstream_time.unwrap_or_default();
+        if outcome.upstream_time.is_some() {
+            self.metrics
+                .upstream_duration
+                .observe(upstream.as_secs_f64());
+        }
+        self.metrics
+            .overhead_duration
+            .observe(elapsed.saturating_sub(upstream).as_secs_f64());
+        let key = snapshot.and_then(|s| outcome.key.and_then(|i| s.keys.get(i)));
+        if let (Some(per_key), Some(key)) = (&self.metrics.per_key, key) {
+            per_key.requests.with_label_values(&[&key.id]).inc();
+            per_key
+                .last_used
+                .with_label_values(&[&key.id])
+                .set(unix_now() as f64);
+        }
+        if self.access_log {
+            tracing::info!(
+                target: "portcullis::access",
+                request_id = request_id.to_str().unwrap_or(""),
+                method = method.as_str(),
+                path = outcome.path.as_str(),
+                route = route.map_or("", |r| &*r.template),
+                decision,
+                reason,
+                status = status.as_u16(),
+                key_id = key.map_or("", |k| &*k.id),
+                duration_us = elapsed.as_micros() as u64,
+            );
         }
     }
 }

@@ -1,0 +1,97 @@
+//! Noticing file changes: a `notify` watcher on the folders of every watched file, plus a
+//! once-a-second metadata check as a safety net. Both only *trigger* a reload; the loader
+//! decides by content whether anything changed.
+//!
+//! Watching folders rather than files is what makes editors that save by rename and Kubernetes
+//! ConfigMap/Secret volumes work: there the files are symlinks into `..data`, itself a symlink
+//! swapped atomically to a new timestamped folder, so the file's own inode never changes.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+/// Keeps the watcher alive; dropping it stops watching.
+pub struct FileWatch {
+    _watcher: Option<RecommendedWatcher>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FileWatch {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// Starts watching `files`; each change sends `()` on `trigger` (coalesced when one is pending).
+pub fn watch(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) -> FileWatch {
+    let folders: BTreeSet<PathBuf> = files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    let notify_trigger = trigger.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = notify_trigger.try_send(());
+        }
+    });
+    let watcher = match watcher {
+        Ok(mut w) => {
+            for folder in &folders {
+                if let Err(e) = w.watch(folder, RecursiveMode::NonRecursive) {
+                    tracing::warn!(folder = %folder.display(), error = %e, "cannot watch folder; relying on polling");
+                }
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "file watcher unavailable; relying on polling");
+            None
+        }
+    };
+    let poller = tokio::spawn(poll(files, trigger));
+    FileWatch {
+        _watcher: watcher,
+        poller,
+    }
+}
+
+/// What identifies a file version without reading it: size, mtime, inode (through symlinks).
+#[derive(Debug, PartialEq, Eq, Clone)]
+struct Fingerprint(Option<(u64, SystemTime, u64)>);
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    Fingerprint(std::fs::metadata(path).ok().map(|m| {
+        let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        (m.len(), modified, inode(&m))
+    }))
+}
+
+#[cfg(unix)]
+fn inode(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    m.ino()
+}
+
+#[cfg(not(unix))]
+fn inode(_m: &std::fs::Metadata) -> u64 {
+    0
+}
+
+async fn poll(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) {
+    let mut seen: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+        if now != seen {
+            seen = now;
+            let _ = trigger.try_send(());
+        }
+    }
+}

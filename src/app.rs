@@ -120,6 +120,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         max_header_list_size: u32::try_from(config.max_header_bytes * 2).unwrap_or(u32::MAX),
         header_read_timeout: Duration::from_secs(30),
     };
+    let file_watch = spawn_reloader(loader.clone());
     let proxy_listener = server::bind(config.listen, "proxy", acceptor.is_some())
         .await
         .map_err(|e| RunError::Config(e.to_string()))?;
@@ -135,7 +136,6 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     let proxy = proxy_listener.local_addr().map_err(anyhow::Error::from)?;
     let admin_addr = admin_listener.local_addr().map_err(anyhow::Error::from)?;
     tokio::spawn(admin::serve(admin_listener, admin));
-    let file_watch = spawn_reloader(loader.clone());
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(server::serve(
         proxy_listener,

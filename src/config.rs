@@ -239,11 +239,12 @@ fn parse_upstream(text: &str) -> Result<http::Uri, String> {
         .parse()
         .map_err(|e| format!("upstream: {text:?} is not a URL ({e})"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("upstream: https:// upstreams are not supported yet; use http://".into())
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(format!(
+                "upstream: {text:?} must start with http:// or https://"
+            ))
         }
-        _ => return Err(format!("upstream: {text:?} must start with http://")),
     }
     if uri.authority().is_none() {
         return Err(format!("upstream: {text:?} has no host"));

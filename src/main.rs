@@ -6,21 +6,34 @@ use std::process::ExitCode;
 use clap::Parser;
 use portcullis::app::{self, RunError};
 use portcullis::cli::{self, Cli, Command, CommandError};
-use portcullis::config::Config;
+use portcullis::config::{Config, LogConfig};
 
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    init_logging();
     match args.command {
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
-                Err(problems) => return config_error(&problems.to_string()),
+                Err(problems) => {
+                    init_logging(&Default::default());
+                    return config_error(&problems.to_string());
+                }
             };
+            init_logging(&config.log);
             serve(app::run(config))
         }
+        command => {
+            init_logging(&Default::default());
+            run_command(command)
+        }
+    }
+}
+
+fn run_command(command: Command) -> ExitCode {
+    match command {
+        Command::Run { .. } => ExitCode::FAILURE,
         Command::Demo { listen } => serve(portcullis::demo::run(listen)),
         Command::Check(files) => command_result(cli::check::run(&files)),
         Command::Keys(command) => command_result(cli::keys::run(&command)),
@@ -70,12 +83,21 @@ fn config_error(message: &str) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn init_logging() {
+/// Logs go to stderr: human-readable on a terminal, JSON when `log.format: json`. The filter comes
+/// from `PORTCULLIS_LOG`, then `RUST_LOG`, then `log.level`, then `info`.
+fn init_logging(log: &LogConfig) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(log.level.as_deref().unwrap_or("info"))
+        });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if log.format.as_deref() == Some("json") {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }

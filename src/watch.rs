@@ -54,7 +54,10 @@ pub fn watch(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) -> FileWatch {
             None
         }
     };
-    let poller = tokio::spawn(poll(files, trigger));
+    // Anything that changed between loading and now would otherwise go unnoticed.
+    let _ = trigger.try_send(());
+    let seen: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+    let poller = tokio::spawn(poll(files, seen, trigger));
     FileWatch {
         _watcher: watcher,
         poller,
@@ -83,8 +86,7 @@ fn inode(_m: &std::fs::Metadata) -> u64 {
     0
 }
 
-async fn poll(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) {
-    let mut seen: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+async fn poll(files: Vec<PathBuf>, mut seen: Vec<Fingerprint>, trigger: mpsc::Sender<()>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;

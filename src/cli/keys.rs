@@ -29,7 +29,7 @@ pub fn run(command: &KeysCommand) -> Result<(), CommandError> {
             println!("{key}");
             Ok(())
         }
-        KeysCommand::List { keys } => list(keys),
+        KeysCommand::List { keys, admin } => list(keys, admin.as_deref()),
         KeysCommand::Deactivate(t) => set_active(&t.keys, &t.id, false),
         KeysCommand::Activate(t) => set_active(&t.keys, &t.id, true),
         KeysCommand::Revoke(t) => {
@@ -167,25 +167,13 @@ pub fn rotate(keys: &Path, id: &str, overlap: Option<&str>) -> Result<String, Co
     Ok(new.secret)
 }
 
-fn list(keys: &Path) -> Result<(), CommandError> {
+fn list(keys: &Path, admin: Option<&str>) -> Result<(), CommandError> {
     let f = file::load(keys).map_err(|p| CommandError::Usage(p.to_string()))?;
-    let rows: Vec<[String; 8]> = f
-        .keys
-        .iter()
-        .map(|k| {
-            [
-                k.id.clone(),
-                secret::masked(&k.prefix),
-                k.principal.clone(),
-                k.scopes.as_ref().map_or("-".into(), |s| s.join(",")),
-                k.purpose.clone().unwrap_or_else(|| "-".into()),
-                k.active.to_string(),
-                k.created.clone().unwrap_or_else(|| "-".into()),
-                k.expires.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    let header = [
+    let usage = match admin {
+        Some(url) => Some(fetch_usage(url).map_err(CommandError::Usage)?),
+        None => None,
+    };
+    let mut header: Vec<String> = [
         "ID",
         "PREFIX",
         "PRINCIPAL",
@@ -195,22 +183,87 @@ fn list(keys: &Path) -> Result<(), CommandError> {
         "CREATED",
         "EXPIRES",
     ]
-    .map(String::from);
+    .map(String::from)
+    .to_vec();
+    if usage.is_some() {
+        header.extend(["CALLS".to_string(), "LAST USED".to_string()]);
+    }
+    let rows: Vec<Vec<String>> = f
+        .keys
+        .iter()
+        .map(|k| {
+            let mut row = vec![
+                k.id.clone(),
+                secret::masked(&k.prefix),
+                k.principal.clone(),
+                k.scopes.as_ref().map_or("-".into(), |s| s.join(",")),
+                k.purpose.clone().unwrap_or_else(|| "-".into()),
+                k.active.to_string(),
+                k.created.clone().unwrap_or_else(|| "-".into()),
+                k.expires.clone().unwrap_or_else(|| "-".into()),
+            ];
+            if let Some(usage) = &usage {
+                let (calls, last) = usage
+                    .get(&k.id)
+                    .cloned()
+                    .unwrap_or(("-".into(), "-".into()));
+                row.push(calls);
+                row.push(last);
+            }
+            row
+        })
+        .collect();
     print_table(&header, &rows);
     Ok(())
 }
 
-fn print_table(header: &[String; 8], rows: &[[String; 8]]) {
-    let mut widths = header.clone().map(|h| h.chars().count());
+/// Reads `/keys` from a running proxy's admin listener: id → (calls, last used).
+fn fetch_usage(url: &str) -> Result<std::collections::HashMap<String, (String, String)>, String> {
+    use std::io::{Read, Write};
+    let authority = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let fail = |e: &dyn std::fmt::Display| format!("cannot read key usage from {url}: {e}");
+    let mut stream = std::net::TcpStream::connect(&authority).map_err(|e| fail(&e))?;
+    let timeout = Some(std::time::Duration::from_secs(10));
+    stream.set_read_timeout(timeout).map_err(|e| fail(&e))?;
+    write!(
+        stream,
+        "GET /keys HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| fail(&e))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| fail(&e))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| fail(&"no HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(fail(&head.lines().next().unwrap_or("")));
+    }
+    let json: serde_json::Value = serde_json::from_str(body).map_err(|e| fail(&e))?;
+    let mut out = std::collections::HashMap::new();
+    for key in json["keys"].as_array().into_iter().flatten() {
+        let id = key["id"].as_str().unwrap_or_default().to_string();
+        let calls = key["calls"].as_u64().unwrap_or(0).to_string();
+        let last = key["last_used"].as_str().unwrap_or("-").to_string();
+        out.insert(id, (calls, last));
+    }
+    Ok(out)
+}
+
+fn print_table(header: &[String], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(header).chain(rows) {
+    for row in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
         let cells: Vec<String> = row
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         println!("{}", cells.join("  ").trim_end());

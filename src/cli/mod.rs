@@ -95,6 +95,9 @@ pub enum KeysCommand {
         /// Keys file.
         #[arg(long)]
         keys: PathBuf,
+        /// A running proxy's admin address (e.g. http://127.0.0.1:9901): adds calls and last use.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Deactivate a key (it answers 401 until activated).
     Deactivate(KeyIdArgs),

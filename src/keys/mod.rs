@@ -327,6 +327,8 @@ pub fn compile(
     if errors.is_empty() {
         Ok(Compiled { store, warnings })
     } else {
+        errors.extend(warnings);
+        errors.sort_by_key(|p| (p.line, p.column));
         Err(errors)
     }
 }

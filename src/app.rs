@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::admin::{self, Admin, Readiness};
 use crate::config::Config;
+use crate::keyapi::{FileRepository, KeyAction, KeyApi};
 use crate::metrics::Metrics;
 use crate::proxy::forward::Upstream;
 use crate::proxy::server::{self, ConnectionLimits};
@@ -105,6 +106,26 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         config.upstream_timeout,
         upstream_tls,
     )?;
+    let key_api = config.key_api.enabled.then(|| {
+        Arc::new(KeyApi::new(
+            config.key_api.prefix.clone(),
+            Box::new(FileRepository {
+                path: config.keys.clone(),
+            }),
+            loader.clone(),
+            Box::new(|action: KeyAction| {
+                tracing::info!(
+                    action = action.action,
+                    key_id = %action.key_id,
+                    principal = %action.principal,
+                    target_key_id = %action.target_key_id,
+                    target_principal = %action.target_principal,
+                    result = %action.result,
+                    "key change"
+                );
+            }),
+        ))
+    });
     let service = Arc::new(Service {
         state: loader.state(),
         upstream,
@@ -114,6 +135,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         proto: if acceptor.is_some() { "https" } else { "http" },
         metrics: metrics.clone(),
         access_log: config.log.access_log,
+        key_api,
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),

@@ -27,6 +27,36 @@ struct ConfigFile {
     upstream_tls: Option<UpstreamTlsConfig>,
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
+    key_api: Option<KeyApiConfig>,
+}
+
+/// `key_api:`: the self-service key API on the main listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyApiConfig {
+    /// Reserved path prefix (default `/_portcullis/v1/keys`).
+    #[serde(default = "default_key_api_prefix")]
+    pub prefix: String,
+    /// `false` turns the API off (requests under the prefix then follow the policy).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for KeyApiConfig {
+    fn default() -> Self {
+        KeyApiConfig {
+            prefix: default_key_api_prefix(),
+            enabled: true,
+        }
+    }
+}
+
+fn default_key_api_prefix() -> String {
+    "/_portcullis/v1/keys".to_string()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `tls:`: terminate TLS on the proxy listener.
@@ -102,6 +132,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Logging options.
     pub log: LogConfig,
+    /// The self-service key API.
+    pub key_api: KeyApiConfig,
 }
 
 impl Config {
@@ -122,6 +154,7 @@ impl Config {
             upstream_tls: UpstreamTlsConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            key_api: KeyApiConfig::default(),
         }
     }
 
@@ -188,6 +221,19 @@ impl Config {
         config.upstream_tls.ca = config.upstream_tls.ca.take().map(|c| base.join(c));
         config.metrics = file.metrics.unwrap_or_default();
         config.log = file.log.unwrap_or_default();
+        config.key_api = file.key_api.unwrap_or_default();
+        let prefix = &config.key_api.prefix;
+        let prefix_ok = crate::path::normalise(prefix).is_ok_and(|n| n == *prefix)
+            && prefix.len() > 1
+            && !prefix.ends_with('/');
+        if !prefix_ok {
+            fail(
+                "key_api",
+                format!(
+                    "key_api.prefix {prefix:?} must be a normalised path like /_portcullis/v1/keys"
+                ),
+            );
+        }
         if let Some(f) = config.log.format.as_deref() {
             if f != "text" && f != "json" {
                 fail("log", format!("log.format must be text or json, not {f:?}"));

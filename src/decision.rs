@@ -152,7 +152,8 @@ where
     decision
 }
 
-fn identify<'s>(
+/// Who presents this credential, or why nobody valid does.
+pub fn identify<'s>(
     snapshot: &'s Snapshot,
     credential: Result<Option<&str>, CredentialError>,
     now: i64,

@@ -260,6 +260,42 @@ impl Loader {
         }
     }
 
+    /// Applies keys text that was just written to the keys file (by the key API), so the change
+    /// is live before the writer answers; the watcher then finds nothing new to apply.
+    pub fn apply_keys_text(&self, keys_text: &str) -> Result<u64, String> {
+        let mut digests = match self.digests.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let policy_text = read(&self.policy_path, "policy").map_err(|p| p.to_string())?;
+        let next = self.generation.load(Ordering::SeqCst) + 1;
+        let (snapshot, warnings) = compile_texts(
+            &self.policy_path,
+            &policy_text,
+            &self.keys_path,
+            keys_text,
+            next,
+            &self.usage,
+        )
+        .map_err(|(_, p)| p.to_string())?;
+        log_warnings(&warnings);
+        self.state.store(Arc::new(snapshot));
+        self.generation.store(next, Ordering::SeqCst);
+        digests.0 = digest(policy_text.as_bytes());
+        digests.1 = digest(keys_text.as_bytes());
+        self.publish_gauges();
+        self.count(&ReloadOutcome::Applied {
+            files: vec![ReloadFile::Keys],
+            generation: next,
+        });
+        Ok(next)
+    }
+
+    /// The keys file path.
+    pub fn keys_path(&self) -> &Path {
+        &self.keys_path
+    }
+
     fn reload_tls(&self, tls: &TlsFiles, last: &mut [u8; 32]) -> ReloadOutcome {
         let now = tls_digest(tls);
         if now == *last {

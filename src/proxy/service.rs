@@ -15,6 +15,7 @@ use super::forward::{ForwardContext, Upstream};
 use super::headers;
 use super::ProxyBody;
 use crate::decision::{self, Reason};
+use crate::keyapi::KeyApi;
 use crate::keys::credential;
 use crate::metrics::Metrics;
 use crate::path;
@@ -68,6 +69,8 @@ pub struct Service {
     pub metrics: Metrics,
     /// One log line per request.
     pub access_log: bool,
+    /// The self-service key API, when enabled.
+    pub key_api: Option<Arc<KeyApi>>,
 }
 
 /// What happened to a request, kept by index into its snapshot so recording allocates nothing.
@@ -80,6 +83,7 @@ struct Outcome {
     key: Option<u32>,
     access: Option<Access>,
     upstream_time: Option<Duration>,
+    key_api: bool,
 }
 
 impl Service {
@@ -133,6 +137,24 @@ impl Service {
             Ok(c) => Ok(c.as_deref()),
             Err(e) => Err(*e),
         };
+        if let Some(api) = self.key_api.as_ref().filter(|api| api.owns(&normalised)) {
+            let caller = decision::identify(&snapshot, credential_ref, now).map(|k| k.index);
+            drop(credential);
+            let api = api.clone();
+            let deny_status = self.deny_status;
+            return key_api_request(
+                api,
+                request,
+                normalised,
+                snapshot,
+                caller,
+                now,
+                rid,
+                outcome,
+                deny_status,
+            )
+            .await;
+        }
         let decision = decision::decide(
             &snapshot,
             request.method(),
@@ -205,6 +227,7 @@ impl Service {
             (Some(s), Some(RouteRule::Protected { resource, .. })) => {
                 s.policy.resource_name(*resource)
             }
+            _ if outcome.key_api => crate::policy::API_KEYS_RESOURCE,
             _ => "",
         };
         let reason = outcome.reason.map_or("refused", Reason::as_str);
@@ -251,6 +274,45 @@ impl Service {
             );
         }
     }
+}
+
+/// A request under the key API prefix: authenticated like any request, never forwarded.
+#[allow(clippy::too_many_arguments)]
+async fn key_api_request(
+    api: Arc<KeyApi>,
+    request: Request<Incoming>,
+    path: String,
+    snapshot: Arc<Snapshot>,
+    caller: Result<u32, Reason>,
+    now: i64,
+    request_id: &str,
+    outcome: &mut Outcome,
+    deny_status: StatusCode,
+) -> Response<ProxyBody> {
+    outcome.key_api = true;
+    let caller = match caller {
+        Ok(index) => index,
+        Err(reason) => {
+            outcome.reason = Some(reason);
+            outcome.path = path;
+            return deny::respond(Refusal::Denied(reason, None), deny_status, None, request_id);
+        }
+    };
+    if let Some(key) = snapshot.keys.get(caller) {
+        key.usage.record(now);
+    }
+    outcome.key = Some(caller);
+    outcome.snapshot = Some(snapshot.clone());
+    let handled = api
+        .handle(request, &path, snapshot, caller, request_id)
+        .await;
+    outcome.reason = Some(if handled.forbidden {
+        Reason::Forbidden
+    } else {
+        Reason::Granted
+    });
+    outcome.path = path;
+    handled.response
 }
 
 /// Seconds since the Unix epoch.

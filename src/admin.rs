@@ -44,6 +44,8 @@ pub struct Admin {
     pub readiness: Arc<Readiness>,
     /// What `/metrics` renders.
     pub registry: prometheus::Registry,
+    /// With `audit.fail_closed`, not ready while audit events cannot be kept.
+    pub audit: crate::audit::Auditor,
 }
 
 impl Admin {
@@ -67,6 +69,11 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/readyz") => {
                 if self.readiness.is_draining() {
                     (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+                } else if !self.audit.accepting() {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "audit spool full or unwritable (fail_closed)\n".to_string(),
+                    )
                 } else {
                     let generation = self.state.load().generation;
                     (StatusCode::OK, format!("ready generation={generation}\n"))

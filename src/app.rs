@@ -8,6 +8,7 @@ use prometheus::Registry;
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::{self, Admin, Readiness};
+use crate::audit::{AuditEvent, Auditor};
 use crate::config::Config;
 use crate::keyapi::{FileRepository, KeyAction, KeyApi};
 use crate::metrics::Metrics;
@@ -45,6 +46,8 @@ pub struct Started {
     pub stop: watch::Sender<bool>,
     /// Readiness, turned off when draining.
     pub readiness: Arc<Readiness>,
+    /// The audit stream (flushed on shutdown).
+    pub audit: Auditor,
     _watch: crate::watch::FileWatch,
 }
 
@@ -56,9 +59,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         started.readiness.clone(),
         started.stop.clone(),
     )?;
-    let Started { task, .. } = started;
+    let Started { task, audit, .. } = started;
     task.await
         .map_err(|e| RunError::Other(anyhow::anyhow!("proxy task failed: {e}")))?;
+    audit.record(AuditEvent::Shutdown);
+    audit
+        .shutdown(config.grace_period.max(Duration::from_secs(5)))
+        .await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -68,6 +75,14 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry, config.metrics.per_key)
         .map_err(|e| RunError::Other(e.into()))?;
+    let audit = match &config.audit {
+        Some(audit) => Auditor::start(audit, &registry)
+            .map_err(|e| RunError::Config(format!("audit: {e:#}")))?,
+        None => Auditor::disabled(),
+    };
+    audit.record(AuditEvent::Start {
+        version: env!("CARGO_PKG_VERSION"),
+    });
     let tls_files = match &config.tls {
         None => None,
         Some(t) => {
@@ -91,6 +106,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         config.keys.clone(),
         metrics.clone(),
         tls_files,
+        audit.clone(),
     )
     .map_err(|p| RunError::Config(p.to_string()))?;
     let upstream_tls = match config.upstream.scheme_str() {
@@ -106,6 +122,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         config.upstream_timeout,
         upstream_tls,
     )?;
+    let key_audit = audit.clone();
     let key_api = config.key_api.enabled.then(|| {
         Arc::new(KeyApi::new(
             config.key_api.prefix.clone(),
@@ -113,7 +130,16 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
                 path: config.keys.clone(),
             }),
             loader.clone(),
-            Box::new(|action: KeyAction| {
+            Box::new(move |action: KeyAction| {
+                key_audit.record(AuditEvent::KeyChange {
+                    action: action.action,
+                    key_id: Some(action.key_id.clone()),
+                    principal: Some(action.principal.clone()),
+                    target_key_id: action.target_key_id.clone(),
+                    target_principal: action.target_principal.clone(),
+                    result: action.result.clone(),
+                    via: "api",
+                });
                 tracing::info!(
                     action = action.action,
                     key_id = %action.key_id,
@@ -136,6 +162,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         metrics: metrics.clone(),
         access_log: config.log.access_log,
         key_api,
+        audit: audit.clone(),
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),
@@ -154,6 +181,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         state: loader.state(),
         readiness: readiness.clone(),
         registry,
+        audit: audit.clone(),
     });
     let proxy = proxy_listener.local_addr().map_err(anyhow::Error::from)?;
     let admin_addr = admin_listener.local_addr().map_err(anyhow::Error::from)?;
@@ -174,6 +202,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         loader,
         stop,
         readiness,
+        audit,
         _watch: file_watch,
     })
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::AuditConfig;
 use crate::diagnostic::{self, FileProblems, Problem};
 
 /// The config file as written.
@@ -28,6 +29,7 @@ struct ConfigFile {
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
     key_api: Option<KeyApiConfig>,
+    audit: Option<AuditConfig>,
 }
 
 /// `key_api:`: the self-service key API on the main listener.
@@ -134,6 +136,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The self-service key API.
     pub key_api: KeyApiConfig,
+    /// The audit stream, when configured.
+    pub audit: Option<AuditConfig>,
 }
 
 impl Config {
@@ -155,6 +159,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             key_api: KeyApiConfig::default(),
+            audit: None,
         }
     }
 
@@ -222,6 +227,15 @@ impl Config {
         config.metrics = file.metrics.unwrap_or_default();
         config.log = file.log.unwrap_or_default();
         config.key_api = file.key_api.unwrap_or_default();
+        if let Some(mut audit) = file.audit {
+            audit.resolve_paths(base);
+            if let Err(messages) = audit.validate() {
+                for m in messages {
+                    fail("audit", format!("audit: {m}"));
+                }
+            }
+            config.audit = Some(audit);
+        }
         let prefix = &config.key_api.prefix;
         let prefix_ok = crate::path::normalise(prefix).is_ok_and(|n| n == *prefix)
             && prefix.len() > 1

@@ -36,7 +36,7 @@ fn run_command(command: Command) -> ExitCode {
         Command::Run { .. } => ExitCode::FAILURE,
         Command::Demo { listen } => serve(portcullis::demo::run(listen)),
         Command::Check(files) => command_result(cli::check::run(&files)),
-        Command::Keys(command) => command_result(cli::keys::run(&command)),
+        Command::Keys(args) => command_result(cli::keys::run(&args)),
         Command::Explain {
             files,
             key_id,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
+use crate::audit::{AuditEvent, Auditor};
 use crate::diagnostic::FileProblems;
 use crate::keys::UsageTable;
 use crate::metrics::Metrics;
@@ -138,6 +139,7 @@ pub struct Loader {
     digests: Mutex<([u8; 32], [u8; 32], [u8; 32])>,
     metrics: Metrics,
     tls: Option<TlsFiles>,
+    audit: Auditor,
 }
 
 impl Loader {
@@ -147,6 +149,7 @@ impl Loader {
         keys_path: PathBuf,
         metrics: Metrics,
         tls: Option<TlsFiles>,
+        audit: Auditor,
     ) -> Result<Arc<Loader>, FileProblems> {
         let usage = UsageTable::default();
         let policy_text = read(&policy_path, "policy")?;
@@ -175,6 +178,7 @@ impl Loader {
             )),
             metrics,
             tls,
+            audit,
         };
         loader.publish_gauges();
         Ok(Arc::new(loader))
@@ -326,6 +330,12 @@ impl Loader {
                         .reloads
                         .with_label_values(&[f.as_str(), "ok"])
                         .inc();
+                    self.audit.record(AuditEvent::Reload {
+                        file: f.as_str().to_string(),
+                        ok: true,
+                        error: None,
+                        generation: *generation,
+                    });
                 }
                 tracing::info!(generation, files = ?files.iter().map(|f| f.as_str()).collect::<Vec<_>>(), "reloaded");
             }
@@ -334,6 +344,12 @@ impl Loader {
                     .reloads
                     .with_label_values(&[file.as_str(), "error"])
                     .inc();
+                self.audit.record(AuditEvent::Reload {
+                    file: file.as_str().to_string(),
+                    ok: false,
+                    error: Some(problems.clone()),
+                    generation: self.generation.load(Ordering::SeqCst),
+                });
                 for line in problems.lines() {
                     tracing::error!(
                         file = file.as_str(),

@@ -6,14 +6,40 @@
 
 use std::path::Path;
 
-use super::{expiry_from, format_time, CommandError, KeysCommand};
+use super::{expiry_from, format_time, CommandError, KeysArgs, KeysCommand};
+use crate::audit::AuditEvent;
+use crate::config::Config;
 use crate::keys::file::{self, KeyEntry};
 use crate::keys::secret;
 use crate::policy;
 
-/// Runs a keys subcommand.
-pub fn run(command: &KeysCommand) -> Result<(), CommandError> {
-    match command {
+/// Runs a keys subcommand; with `-c`, every change is also an audit event.
+pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
+    let audit = match &args.config {
+        None => None,
+        Some(path) => {
+            Config::load(path)
+                .map_err(|p| CommandError::Usage(p.to_string()))?
+                .audit
+        }
+    };
+    let record = |action: &'static str, target_key_id: &str, target_principal: &str| {
+        if let Some(audit) = &audit {
+            let event = AuditEvent::KeyChange {
+                action,
+                key_id: None,
+                principal: None,
+                target_key_id: target_key_id.to_string(),
+                target_principal: target_principal.to_string(),
+                result: "ok".to_string(),
+                via: "cli",
+            };
+            if let Err(e) = crate::audit::record_once(audit, event) {
+                eprintln!("warning: the change is made but could not be audited: {e:#}");
+            }
+        }
+    };
+    match &args.command {
         KeysCommand::Create {
             keys,
             principal,
@@ -26,24 +52,37 @@ pub fn run(command: &KeysCommand) -> Result<(), CommandError> {
                 check_against_policy(policy_path, principal, scopes)?;
             }
             let key = create(keys, principal, scopes, purpose.clone(), expires.as_deref())?;
+            record("key_create", &key[4..12], principal);
             println!("{key}");
             Ok(())
         }
         KeysCommand::List { keys, admin } => list(keys, admin.as_deref()),
-        KeysCommand::Deactivate(t) => set_active(&t.keys, &t.id, false),
-        KeysCommand::Activate(t) => set_active(&t.keys, &t.id, true),
+        KeysCommand::Deactivate(t) => {
+            let principal = set_active(&t.keys, &t.id, false)?;
+            record("key_deactivate", &t.id, &principal);
+            Ok(())
+        }
+        KeysCommand::Activate(t) => {
+            let principal = set_active(&t.keys, &t.id, true)?;
+            record("key_activate", &t.id, &principal);
+            Ok(())
+        }
         KeysCommand::Revoke(t) => {
-            file::update(&t.keys, |f| {
-                let before = f.keys.len();
-                f.keys.retain(|k| k.id != t.id);
-                anyhow::ensure!(f.keys.len() < before, "no key with id {:?}", t.id);
-                Ok(())
+            let (principal, _) = file::update(&t.keys, |f| {
+                let index = f
+                    .keys
+                    .iter()
+                    .position(|k| k.id == t.id)
+                    .ok_or_else(|| anyhow::anyhow!("no key with id {:?}", t.id))?;
+                Ok(f.keys.remove(index).principal)
             })?;
+            record("key_revoke", &t.id, &principal);
             eprintln!("revoked {}", t.id);
             Ok(())
         }
         KeysCommand::Rotate { target, overlap } => {
-            let key = rotate(&target.keys, &target.id, overlap.as_deref())?;
+            let (key, principal) = rotate(&target.keys, &target.id, overlap.as_deref())?;
+            record("key_rotate", &target.id, &principal);
             println!("{key}");
             Ok(())
         }
@@ -116,22 +155,27 @@ fn check_against_policy(
     Ok(())
 }
 
-fn set_active(keys: &Path, id: &str, active: bool) -> Result<(), CommandError> {
-    file::update(keys, |f| {
+fn set_active(keys: &Path, id: &str, active: bool) -> Result<String, CommandError> {
+    let (principal, _) = file::update(keys, |f| {
         let entry = f
             .keys
             .iter_mut()
             .find(|k| k.id == id)
             .ok_or_else(|| anyhow::anyhow!("no key with id {id:?}"))?;
         entry.active = active;
-        Ok(())
+        Ok(entry.principal.clone())
     })?;
     eprintln!("{} {id}", if active { "activated" } else { "deactivated" });
-    Ok(())
+    Ok(principal)
 }
 
 /// Makes a successor with the same owner, scopes and purpose; the old key expires after `overlap`.
-pub fn rotate(keys: &Path, id: &str, overlap: Option<&str>) -> Result<String, CommandError> {
+/// Returns the new key and the owning principal.
+pub fn rotate(
+    keys: &Path,
+    id: &str,
+    overlap: Option<&str>,
+) -> Result<(String, String), CommandError> {
     let overlap = match overlap {
         None => std::time::Duration::ZERO,
         Some(text) => humantime::parse_duration(text).map_err(|_| {
@@ -142,7 +186,7 @@ pub fn rotate(keys: &Path, id: &str, overlap: Option<&str>) -> Result<String, Co
     let old_expiry = format_time(now + overlap).map_err(CommandError::Usage)?;
     let created = format_time(now).map_err(CommandError::Usage)?;
     let new = secret::generate();
-    let (new_id, _) = file::update(keys, |f| {
+    let ((new_id, principal), _) = file::update(keys, |f| {
         let old = f
             .keys
             .iter_mut()
@@ -160,11 +204,12 @@ pub fn rotate(keys: &Path, id: &str, overlap: Option<&str>) -> Result<String, Co
             expires: old.expires.clone(),
         };
         old.expires = Some(old_expiry);
+        let principal = successor.principal.clone();
         f.keys.push(successor);
-        Ok(new.id.clone())
+        Ok((new.id.clone(), principal))
     })?;
     eprintln!("rotated {id} → {new_id}; the old key stops at the end of the overlap");
-    Ok(new.secret)
+    Ok((new.secret, principal))
 }
 
 fn list(keys: &Path, admin: Option<&str>) -> Result<(), CommandError> {

@@ -35,8 +35,7 @@ pub enum Command {
     /// Validate config, policy and keys; print every problem as file:line:column: message.
     Check(FileArgs),
     /// Manage the keys file.
-    #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(KeysArgs),
     /// Explain the decision for a key and a request.
     Explain {
         /// Files to read.
@@ -64,6 +63,17 @@ pub struct FileArgs {
     /// Keys file.
     #[arg(long)]
     pub keys: Option<PathBuf>,
+}
+
+/// `portcullis keys [-c portcullis.yaml] ...`.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Process config whose `audit:` block receives an event for every change.
+    #[arg(short, long, global = true)]
+    pub config: Option<PathBuf>,
+    /// The keys subcommand.
+    #[command(subcommand)]
+    pub command: KeysCommand,
 }
 
 /// `portcullis keys ...`.

@@ -23,6 +23,8 @@ pub enum Refusal {
     UpstreamUnreachable,
     /// The backend did not answer in time.
     UpstreamTimeout,
+    /// `audit.fail_closed` is set and audit events cannot be kept.
+    AuditUnavailable,
 }
 
 struct Problem {
@@ -78,6 +80,12 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
             "bad-gateway",
             "Bad gateway",
             "The service behind this gateway could not be reached.".to_string(),
+        ),
+        Refusal::AuditUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            "Requests are refused while the audit trail cannot be recorded. Try again shortly.".to_string(),
         ),
         Refusal::UpstreamTimeout => (
             StatusCode::GATEWAY_TIMEOUT,

@@ -14,6 +14,7 @@ use super::deny::{self, Refusal};
 use super::forward::{ForwardContext, Upstream};
 use super::headers;
 use super::ProxyBody;
+use crate::audit::{AuditEvent, Auditor, DecisionEvent};
 use crate::decision::{self, Reason};
 use crate::keyapi::KeyApi;
 use crate::keys::credential;
@@ -71,6 +72,8 @@ pub struct Service {
     pub access_log: bool,
     /// The self-service key API, when enabled.
     pub key_api: Option<Arc<KeyApi>>,
+    /// Where every decision is recorded.
+    pub audit: Auditor,
 }
 
 /// What happened to a request, kept by index into its snapshot so recording allocates nothing.
@@ -83,7 +86,11 @@ struct Outcome {
     key: Option<u32>,
     access: Option<Access>,
     upstream_time: Option<Duration>,
+    upstream_status: Option<u16>,
     key_api: bool,
+    instance: Option<(usize, usize)>,
+    user_agent: Option<String>,
+    client: Option<SocketAddr>,
 }
 
 impl Service {
@@ -99,7 +106,17 @@ impl Service {
             None => self.ids.next(),
         };
         let method = request.method().clone();
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome {
+            client: Some(client),
+            ..Outcome::default()
+        };
+        if self.audit.is_enabled() {
+            outcome.user_agent = request
+                .headers()
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|ua| ua.chars().take(256).collect());
+        }
         let mut response = self
             .decide_and_forward(request, client, &request_id, &mut outcome)
             .await;
@@ -118,6 +135,9 @@ impl Service {
         outcome: &mut Outcome,
     ) -> Response<ProxyBody> {
         let rid = request_id.to_str().unwrap_or("");
+        if !self.audit.accepting() {
+            return deny::respond(Refusal::AuditUnavailable, self.deny_status, None, rid);
+        }
         if headers::total_size(request.headers()) > self.max_header_bytes {
             return deny::respond(Refusal::HeadersTooLarge, self.deny_status, None, rid);
         }
@@ -126,6 +146,7 @@ impl Service {
             Err(e) => {
                 tracing::debug!(error = %e, "refused path");
                 outcome.reason = Some(Reason::BadPath);
+                outcome.path = request.uri().path().chars().take(1024).collect();
                 let refusal = Refusal::Denied(Reason::BadPath, None);
                 return deny::respond(refusal, self.deny_status, None, rid);
             }
@@ -166,6 +187,10 @@ impl Service {
         outcome.route = decision.route.map(|r| r.index);
         outcome.key = decision.key.map(|k| k.index);
         outcome.access = decision.access;
+        outcome.instance = decision.instance.map(|i| {
+            let start = i.as_ptr() as usize - normalised.as_ptr() as usize;
+            (start, start + i.len())
+        });
         if let Some(key) = decision.key {
             key.usage.record(now);
         }
@@ -196,7 +221,10 @@ impl Service {
         outcome.path = normalised;
         outcome.snapshot = Some(snapshot);
         match result {
-            Ok(response) => response,
+            Ok(response) => {
+                outcome.upstream_status = Some(response.status().as_u16());
+                response
+            }
             Err(refusal) => {
                 let kind = if refusal == Refusal::UpstreamTimeout {
                     "timeout"
@@ -230,7 +258,9 @@ impl Service {
             _ if outcome.key_api => crate::policy::API_KEYS_RESOURCE,
             _ => "",
         };
-        let reason = outcome.reason.map_or("refused", Reason::as_str);
+        let reason = outcome
+            .reason
+            .map_or_else(|| unreasoned(status), Reason::as_str);
         let decision = if outcome.reason.is_some_and(Reason::allows) {
             "allow"
         } else {
@@ -259,6 +289,11 @@ impl Service {
                 .with_label_values(&[&key.id])
                 .set(unix_now() as f64);
         }
+        if self.audit.is_enabled() {
+            self.audit.record(AuditEvent::Decision(decision_event(
+                outcome, method, status, elapsed, request_id, route, resource, key,
+            )));
+        }
         if self.access_log {
             tracing::info!(
                 target: "portcullis::access",
@@ -273,6 +308,54 @@ impl Service {
                 duration_us = elapsed.as_micros() as u64,
             );
         }
+    }
+}
+
+/// The reason recorded for answers given before any decision was made.
+fn unreasoned(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        StatusCode::SERVICE_UNAVAILABLE => "audit_unavailable",
+        _ => "refused",
+    }
+}
+
+/// The audit record of one decision.
+#[allow(clippy::too_many_arguments)]
+fn decision_event(
+    outcome: &Outcome,
+    method: &Method,
+    status: StatusCode,
+    elapsed: Duration,
+    request_id: &HeaderValue,
+    route: Option<&crate::policy::Route>,
+    resource: &str,
+    key: Option<&crate::keys::KeyRecord>,
+) -> DecisionEvent {
+    DecisionEvent {
+        request_id: request_id.to_str().unwrap_or("").to_string(),
+        allow: outcome.reason.is_some_and(Reason::allows),
+        reason: outcome
+            .reason
+            .map_or_else(|| unreasoned(status), Reason::as_str),
+        status: status.as_u16(),
+        method: method.as_str().to_string(),
+        path: outcome.path.clone(),
+        route: route.map(|r| r.template.to_string()),
+        resource: (!resource.is_empty()).then(|| resource.to_string()),
+        instance: outcome
+            .instance
+            .and_then(|(a, b)| outcome.path.get(a..b))
+            .map(str::to_string),
+        access: outcome.access.map(Access::as_str),
+        key_id: key.map(|k| k.id.to_string()),
+        key_prefix: key.map(|k| k.prefix.to_string()),
+        principal: key.map(|k| k.principal.name.to_string()),
+        principal_kind: key.map(|k| k.principal.kind.as_str()),
+        client_ip: outcome.client.map_or(String::new(), |c| c.ip().to_string()),
+        user_agent: outcome.user_agent.clone(),
+        upstream_status: outcome.upstream_status,
+        duration_us: elapsed.as_micros() as u64,
     }
 }
 

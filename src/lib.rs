@@ -12,6 +12,7 @@ pub mod config;
 pub mod decision;
 pub mod demo;
 pub mod diagnostic;
+pub mod inject;
 pub mod keyapi;
 pub mod keys;
 pub mod metrics;

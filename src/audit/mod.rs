@@ -712,7 +712,11 @@ mod tests {
         AuditEvent::Decision(DecisionEvent {
             request_id: format!("req-{n}"),
             allow: n.is_multiple_of(2),
-            reason: if n.is_multiple_of(2) { "granted" } else { "forbidden" },
+            reason: if n.is_multiple_of(2) {
+                "granted"
+            } else {
+                "forbidden"
+            },
             status: if n.is_multiple_of(2) { 200 } else { 403 },
             method: "GET".into(),
             path: format!("/v1/datasets/{n}"),

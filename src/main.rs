@@ -43,6 +43,19 @@ fn run_command(command: Command) -> ExitCode {
             method,
             path,
         } => command_result(cli::explain::run(&files, &key_id, &method, &path)),
+        Command::Inject(args) => command_result(
+            portcullis::inject::inject_stdio(&args.into()).map_err(CommandError::from),
+        ),
+        Command::Injector {
+            listen,
+            cert,
+            key,
+            options,
+        } => serve(async move {
+            portcullis::inject::run_injector(listen, &cert, &key, options.into())
+                .await
+                .map_err(RunError::Other)
+        }),
     }
 }
 

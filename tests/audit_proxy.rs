@@ -11,6 +11,9 @@ use std::collections::HashSet;
 use serde_json::Value;
 use support::*;
 
+/// Method, path, headers, expected status.
+type Call<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, u16);
+
 fn events(ws: &Workspace) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(ws.path("audit.jsonl")) else {
         return Vec::new();
@@ -32,7 +35,7 @@ async fn every_decision_is_an_event_with_the_spec_fields_and_no_secret() {
     let world = World::start_with("audit:\n  file: audit.jsonl\n", &[]).await;
     let ws = &world.proxy.workspace;
     let basic = format!("Basic {}", base64_of(&format!("me:{}", world.viewer.key)));
-    let calls: Vec<(&str, &str, Vec<(&str, String)>, u16)> = vec![
+    let calls: Vec<Call> = vec![
         ("GET", "/v1/datasets/ds_1", vec![world.viewer.bearer()], 200),
         (
             "PUT",

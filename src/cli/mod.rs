@@ -49,6 +49,23 @@ pub enum Command {
         /// Request path, e.g. /v1/datasets/ds_1.
         path: String,
     },
+    /// Add the portcullis sidecar to the workloads in a YAML stream (stdin to stdout).
+    Inject(crate::inject::InjectArgs),
+    /// Mutating admission webhook that injects pods annotated portcullis.dev/inject: "true".
+    Injector {
+        /// Where to listen (HTTPS).
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// Serving certificate chain, PEM.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key, PEM.
+        #[arg(long)]
+        key: PathBuf,
+        /// What to inject.
+        #[command(flatten)]
+        options: crate::inject::InjectArgs,
+    },
 }
 
 /// Either a config file or explicit policy/keys files.

@@ -153,64 +153,63 @@ impl Formatter {
     /// The event as one JSON object (ASCII, no newline), untruncated: the JSON-lines record.
     pub fn json(&self, s: &Stamped) -> String {
         let mut out = String::with_capacity(512);
-        self.write_json(s, None, &mut out);
+        self.write_json(s, &self.common(s), None, &mut out);
         out
     }
 
     /// The event as an RFC 5424 message of at most the configured cap.
     pub fn syslog(&self, s: &Stamped) -> Vec<u8> {
+        let common = self.common(s);
         for limit in FIELD_LIMITS {
-            let msg = self.render(s, limit, true);
+            let msg = self.render(s, &common, limit, true);
             if msg.len() <= self.max_bytes {
                 return msg;
             }
         }
-        let mut msg = self.render(s, Some(0), false);
+        let mut msg = self.render(s, &common, Some(0), false);
         msg.truncate(self.max_bytes);
         msg
     }
 
-    fn render(&self, s: &Stamped, limit: Option<usize>, with_msg: bool) -> Vec<u8> {
+    /// The fields every event starts with, rendered once per event.
+    fn common(&self, s: &Stamped) -> Common {
+        Common {
+            event_id: self.event_id(s.seq),
+            time: timestamp(s),
+        }
+    }
+
+    fn render(&self, s: &Stamped, c: &Common, limit: Option<usize>, with_msg: bool) -> Vec<u8> {
         let mut out = String::with_capacity(1024);
         let pri = u16::from(self.facility) * 8 + s.event.severity() as u16;
         let _ = write!(
             out,
             "<{pri}>1 {} {} {APP_NAME} {} {} [{}",
-            timestamp(s),
+            c.time,
             self.hostname,
             self.procid,
             s.event.kind(),
             self.sd_id
         );
-        let event_id = self.event_id(s.seq);
-        let mut sd_param = |name: &str, value: &str| {
-            let _ = write!(out, " {name}=\"");
-            sd_escape(value, &mut out);
-            out.push('"');
-        };
-        sd_param("event_id", &event_id);
-        sd_param("seq", &s.seq.to_string());
-        sd_param("time", &timestamp(s));
-        sd_param("kind", s.event.kind());
+        sd_param(&mut out, "event_id", Value::Str(&c.event_id), None);
+        sd_param(&mut out, "seq", Value::Num(s.seq), None);
+        sd_param(&mut out, "time", Value::Str(&c.time), None);
+        sd_param(&mut out, "kind", Value::Word(s.event.kind()), None);
         for (name, value) in s.fields() {
-            match value {
-                Value::Str(v) => sd_param(name, cut(v, limit)),
-                Value::Word(w) => sd_param(name, w),
-                Value::Num(n) => sd_param(name, &n.to_string()),
-            }
+            sd_param(&mut out, name, value, limit);
         }
         if limit.is_some() {
-            sd_param("truncated", "true");
+            sd_param(&mut out, "truncated", Value::Word("true"), None);
         }
         out.push(']');
         if with_msg {
             out.push(' ');
-            self.write_json(s, limit, &mut out);
+            self.write_json(s, c, limit, &mut out);
         }
         out.into_bytes()
     }
 
-    fn write_json(&self, s: &Stamped, limit: Option<usize>, out: &mut String) {
+    fn write_json(&self, s: &Stamped, c: &Common, limit: Option<usize>, out: &mut String) {
         out.push('{');
         let mut first = true;
         let mut key = |name: &str, out: &mut String| {
@@ -222,11 +221,11 @@ impl Formatter {
             out.push(':');
         };
         key("event_id", out);
-        json_string(&self.event_id(s.seq), out);
+        json_string(&c.event_id, out);
         key("seq", out);
         let _ = write!(out, "{}", s.seq);
         key("time", out);
-        json_string(&timestamp(s), out);
+        json_string(&c.time, out);
         key("kind", out);
         json_string(s.event.kind(), out);
         for (name, value) in s.fields() {
@@ -245,6 +244,25 @@ impl Formatter {
         }
         out.push('}');
     }
+}
+
+/// The fields every event starts with.
+struct Common {
+    event_id: String,
+    time: String,
+}
+
+/// Appends ` name="value"`, text cut to `limit` bytes and escaped.
+fn sd_param(out: &mut String, name: &str, value: Value<'_>, limit: Option<usize>) {
+    let _ = write!(out, " {name}=\"");
+    match value {
+        Value::Str(v) => sd_escape(cut(v, limit), out),
+        Value::Word(w) => sd_escape(w, out),
+        Value::Num(n) => {
+            let _ = write!(out, "{n}");
+        }
+    }
+    out.push('"');
 }
 
 /// The event time as RFC 3339 UTC with microseconds.

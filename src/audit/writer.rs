@@ -16,7 +16,7 @@ use super::spool::{SpoolPos, SpoolWriter};
 use super::Shared;
 
 /// Most events taken from the queue per batch.
-const BATCH: usize = 1024;
+const BATCH: usize = 4096;
 /// How often the writer wakes without events (fsync interval, rotation, CLI records).
 const TICK: Duration = Duration::from_millis(100);
 /// How often `incoming/` is swept.

@@ -128,6 +128,11 @@ struct SyslogSettings {
     timing: ShipperTiming,
 }
 
+/// The value, or `None` with the problem recorded.
+fn keep<T>(problems: &mut Vec<String>, r: Result<T, String>) -> Option<T> {
+    r.map_err(|e| problems.push(e)).ok()
+}
+
 fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration, String> {
     value.map_or(Ok(default), |v| {
         humantime::parse_duration(v).map_err(|e| format!("audit.syslog.{field}: {v:?}: {e}"))
@@ -135,126 +140,154 @@ fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Durat
 }
 
 impl SyslogConfig {
+    /// The settings with defaults filled in, or every problem found.
     fn settings(&self) -> Result<SyslogSettings, Vec<String>> {
         let mut problems = Vec::new();
-        let mut check = |r: Result<(), String>| {
-            if let Err(e) = r {
-                problems.push(e);
-            }
+        let endpoint = keep(
+            &mut problems,
+            transport::parse_url(&self.url).map_err(|e| format!("audit.syslog.url: {e}")),
+        );
+        let udp = matches!(&endpoint, Some(e) if e.scheme == Scheme::Udp);
+        let tls = endpoint.as_ref().map(|e| self.check_tls(e.scheme));
+        let spool = keep(&mut problems, self.spool_sizes());
+        let facility = keep(&mut problems, self.facility_code());
+        let sd_id = keep(&mut problems, self.sd_id());
+        let fsync = keep(
+            &mut problems,
+            FsyncPolicy::parse(self.fsync.as_deref().unwrap_or("always"))
+                .map_err(|e| format!("audit.syslog.{e}")),
+        );
+        let max_message_bytes = keep(&mut problems, self.max_message_bytes(udp));
+        let hostname = keep(&mut problems, self.hostname());
+        let timing = keep(&mut problems, self.timing());
+        let connect_timeout = keep(
+            &mut problems,
+            duration(
+                "connect_timeout",
+                self.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+            ),
+        );
+        let _ = keep(&mut problems, tls.unwrap_or(Ok(())));
+        let (
+            Some(endpoint),
+            Some((spool_max_bytes, segment_bytes)),
+            Some(facility),
+            Some(sd_id),
+            Some(fsync),
+            Some(max_message_bytes),
+            Some(hostname),
+            Some(timing),
+            Some(connect_timeout),
+        ) = (
+            endpoint,
+            spool,
+            facility,
+            sd_id,
+            fsync,
+            max_message_bytes,
+            hostname,
+            timing,
+            connect_timeout,
+        )
+        else {
+            return Err(problems);
         };
-        let endpoint =
-            transport::parse_url(&self.url).map_err(|e| format!("audit.syslog.url: {e}"));
-        let facility_name = self.facility.as_deref().unwrap_or("authpriv");
-        let facility = facility_code(facility_name)
-            .ok_or_else(|| format!("audit.syslog.facility: unknown facility {facility_name:?}"));
-        let sd_id = self
-            .sd_id
-            .clone()
-            .unwrap_or_else(|| DEFAULT_SD_ID.to_owned());
-        if !rfc5424::valid_sd_name(&sd_id) {
-            check(Err(format!(
-                "audit.syslog.sd_id: {sd_id:?} must be 1-32 printable ASCII characters without '=', ']', '\"' or space"
-            )));
+        if !problems.is_empty() {
+            return Err(problems);
         }
-        let fsync = FsyncPolicy::parse(self.fsync.as_deref().unwrap_or("always"))
-            .map_err(|e| format!("audit.syslog.{e}"));
-        let spool_max_bytes = self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES);
-        if spool_max_bytes < MIN_SPOOL_BYTES {
-            check(Err(format!(
+        Ok(SyslogSettings {
+            endpoint,
+            spool_dir: self
+                .spool_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("spool")),
+            spool_max_bytes,
+            segment_bytes,
+            facility,
+            sd_id,
+            fsync,
+            hostname,
+            max_message_bytes,
+            connect_timeout,
+            timing,
+        })
+    }
+
+    fn facility_code(&self) -> Result<u8, String> {
+        let name = self.facility.as_deref().unwrap_or("authpriv");
+        facility_code(name)
+            .ok_or_else(|| format!("audit.syslog.facility: unknown facility {name:?}"))
+    }
+
+    fn sd_id(&self) -> Result<String, String> {
+        let sd_id = self.sd_id.as_deref().unwrap_or(DEFAULT_SD_ID);
+        if rfc5424::valid_sd_name(sd_id) {
+            Ok(sd_id.to_owned())
+        } else {
+            Err(format!(
+                "audit.syslog.sd_id: {sd_id:?} must be 1-32 printable ASCII characters without \
+                 '=', ']', '\"' or space"
+            ))
+        }
+    }
+
+    /// `spool_max_bytes` and `segment_bytes`.
+    fn spool_sizes(&self) -> Result<(u64, u64), String> {
+        let max = self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES);
+        if max < MIN_SPOOL_BYTES {
+            return Err(format!(
                 "audit.syslog.spool_max_bytes: at least {MIN_SPOOL_BYTES}"
-            )));
-        }
-        let segment_bytes = self
-            .segment_bytes
-            .unwrap_or((spool_max_bytes / 16).clamp(64 * 1024, 64 << 20));
-        if segment_bytes == 0 {
-            check(Err(
-                "audit.syslog.segment_bytes: must be positive".to_owned()
             ));
         }
-        let udp = matches!(&endpoint, Ok(e) if e.scheme == Scheme::Udp);
-        let max_message_bytes = self
+        match self.segment_bytes {
+            Some(0) => Err("audit.syslog.segment_bytes: must be positive".to_owned()),
+            Some(n) => Ok((max, n)),
+            None => Ok((max, (max / 16).clamp(64 * 1024, 64 << 20))),
+        }
+    }
+
+    fn max_message_bytes(&self, udp: bool) -> Result<usize, String> {
+        let n = self
             .max_message_bytes
             .unwrap_or(if udp { 2048 } else { 8192 });
         let ceiling = if udp { 65_507 } else { 1 << 20 };
-        if !(MIN_MESSAGE_BYTES..=ceiling).contains(&max_message_bytes) {
-            check(Err(format!(
+        if (MIN_MESSAGE_BYTES..=ceiling).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!(
                 "audit.syslog.max_message_bytes: between {MIN_MESSAGE_BYTES} and {ceiling}"
-            )));
+            ))
         }
-        if let Some(h) = &self.hostname {
-            if h.is_empty() || h.len() > 255 || !h.bytes().all(|b| b.is_ascii_graphic()) {
-                check(Err(
-                    "audit.syslog.hostname: 1-255 printable ASCII characters".to_owned(),
-                ));
+    }
+
+    fn hostname(&self) -> Result<String, String> {
+        match &self.hostname {
+            None => Ok(rfc5424::system_hostname()),
+            Some(h)
+                if !h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Ok(h.clone())
             }
+            Some(_) => Err("audit.syslog.hostname: 1-255 printable ASCII characters".to_owned()),
         }
-        let confirm_after = duration(
-            "confirm_after",
-            self.confirm_after.as_deref(),
-            DEFAULT_CONFIRM_AFTER,
-        );
-        let connect_timeout = duration(
-            "connect_timeout",
-            self.connect_timeout.as_deref(),
-            Duration::from_secs(5),
-        );
-        let backoff_max = duration(
-            "backoff_max",
-            self.backoff_max.as_deref(),
-            Duration::from_secs(30),
-        );
-        if let Ok(e) = &endpoint {
-            check(self.check_tls(e.scheme));
-        }
-        match (
-            endpoint,
-            facility,
-            fsync,
-            confirm_after,
-            connect_timeout,
-            backoff_max,
-        ) {
-            (
-                Ok(endpoint),
-                Ok(facility),
-                Ok(fsync),
-                Ok(confirm_after),
-                Ok(connect_timeout),
-                Ok(backoff_max),
-            ) if problems.is_empty() => Ok(SyslogSettings {
-                endpoint,
-                spool_dir: self
-                    .spool_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("spool")),
-                spool_max_bytes,
-                segment_bytes,
-                facility,
-                sd_id,
-                fsync,
-                hostname: self
-                    .hostname
-                    .clone()
-                    .unwrap_or_else(rfc5424::system_hostname),
-                max_message_bytes,
-                connect_timeout,
-                timing: ShipperTiming {
-                    confirm_after,
-                    write_timeout: Duration::from_secs(30),
-                    backoff_base: Duration::from_millis(100),
-                    backoff_max,
-                },
-            }),
-            (e, f, s, c, t, b) => {
-                problems.extend(
-                    [e.err(), f.err(), s.err(), c.err(), t.err(), b.err()]
-                        .into_iter()
-                        .flatten(),
-                );
-                Err(problems)
-            }
-        }
+    }
+
+    fn timing(&self) -> Result<ShipperTiming, String> {
+        Ok(ShipperTiming {
+            confirm_after: duration(
+                "confirm_after",
+                self.confirm_after.as_deref(),
+                DEFAULT_CONFIRM_AFTER,
+            )?,
+            write_timeout: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: duration(
+                "backoff_max",
+                self.backoff_max.as_deref(),
+                Duration::from_secs(30),
+            )?,
+        })
     }
 
     fn tls_files(&self) -> TlsFiles<'_> {
@@ -368,6 +401,25 @@ pub(crate) struct Shared {
     pub stopped: AtomicBool,
 }
 
+impl Shared {
+    fn new(
+        config: &AuditConfig,
+        settings: Option<&SyslogSettings>,
+        spool_bytes: Arc<AtomicU64>,
+    ) -> Shared {
+        Shared {
+            fail_closed: config.fail_closed,
+            sink_failing: AtomicBool::new(false),
+            spool_full_logged: AtomicBool::new(false),
+            queue_full_logged: AtomicBool::new(false),
+            spool_bytes,
+            spool_limit: settings.map_or(u64::MAX, |s| s.spool_max_bytes),
+            headroom: settings.map_or(0, |s| s.max_message_bytes as u64 + 16),
+            stopped: AtomicBool::new(false),
+        }
+    }
+}
+
 /// What `shutdown` needs, taken once.
 struct Control {
     stop_shipper: Option<(watch::Sender<Option<StopRequest>>, oneshot::Receiver<()>)>,
@@ -438,44 +490,13 @@ impl Auditor {
             Some(s) => Some(s.settings().map_err(|p| anyhow!(p.join("; ")))?),
             None => None,
         };
-        let file = match &config.file {
-            Some(path) => Some(
-                jsonl::JsonLines::open(path)
-                    .with_context(|| format!("opening audit file {}", path.display()))?,
-            ),
-            None => None,
-        };
-        let spool_bytes = Arc::new(AtomicU64::new(0));
-        let spool = match &settings {
-            Some(s) => Some(
-                SpoolWriter::open(
-                    &s.spool_dir,
-                    s.spool_max_bytes,
-                    s.segment_bytes,
-                    s.fsync,
-                    spool_bytes.clone(),
-                )
-                .with_context(|| format!("opening audit spool {}", s.spool_dir.display()))?,
-            ),
-            None => None,
-        };
+        let (file, spool, spool_bytes) = open_sinks(config, settings.as_ref())?;
         let start_pos = spool
             .as_ref()
             .map(SpoolWriter::position)
             .unwrap_or_default();
         let (published_tx, published_rx) = watch::channel(start_pos);
-        let shared = Arc::new(Shared {
-            fail_closed: config.fail_closed,
-            sink_failing: AtomicBool::new(false),
-            spool_full_logged: AtomicBool::new(false),
-            queue_full_logged: AtomicBool::new(false),
-            spool_bytes: spool_bytes.clone(),
-            spool_limit: settings.as_ref().map_or(u64::MAX, |s| s.spool_max_bytes),
-            headroom: settings
-                .as_ref()
-                .map_or(0, |s| s.max_message_bytes as u64 + 16),
-            stopped: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(config, settings.as_ref(), spool_bytes.clone()));
         metrics
             .spool_bytes
             .set(i64::try_from(spool_bytes.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
@@ -491,7 +512,7 @@ impl Auditor {
             None => None,
         };
         let (tx, rx) = mpsc::channel(config.queue_capacity.unwrap_or(DEFAULT_QUEUE_CAPACITY));
-        let writer = Writer {
+        let writer_done = spawn_writer(Writer {
             rx,
             formatter: formatter(settings.as_ref(), &boot_id),
             spool,
@@ -499,13 +520,13 @@ impl Auditor {
             metrics: metrics.clone(),
             shared: shared.clone(),
             published: published_tx,
-        };
-        let (writer_done_tx, writer_done) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("portcullis-audit-writer".to_owned())
-            .spawn(move || writer.run(writer_done_tx))
-            .context("starting the audit writer thread")?;
+        })?;
         tracing::info!(boot_id = %boot_id, sinks = ?sinks, "audit started");
+        let control = Control {
+            stop_shipper,
+            published: published_rx,
+            writer_done,
+        };
         Ok(Auditor {
             inner: Some(Arc::new(Inner {
                 seq: AtomicU64::new(0),
@@ -514,11 +535,7 @@ impl Auditor {
                 shared,
                 sinks,
                 boot_id,
-                control: Mutex::new(Some(Control {
-                    stop_shipper,
-                    published: published_rx,
-                    writer_done,
-                })),
+                control: Mutex::new(Some(control)),
             })),
         })
     }
@@ -628,6 +645,49 @@ impl Auditor {
     fn metrics(&self) -> Option<&AuditMetrics> {
         self.inner.as_ref().map(|i| &i.metrics)
     }
+}
+
+/// Opens the JSON-lines file and the spool (the startup errors), counting the spool's bytes.
+fn open_sinks(
+    config: &AuditConfig,
+    settings: Option<&SyslogSettings>,
+) -> anyhow::Result<(
+    Option<jsonl::JsonLines>,
+    Option<SpoolWriter>,
+    Arc<AtomicU64>,
+)> {
+    let file = match &config.file {
+        Some(path) => Some(
+            jsonl::JsonLines::open(path)
+                .with_context(|| format!("opening audit file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let spool_bytes = Arc::new(AtomicU64::new(0));
+    let spool = match settings {
+        Some(s) => Some(
+            SpoolWriter::open(
+                &s.spool_dir,
+                s.spool_max_bytes,
+                s.segment_bytes,
+                s.fsync,
+                spool_bytes.clone(),
+            )
+            .with_context(|| format!("opening audit spool {}", s.spool_dir.display()))?,
+        ),
+        None => None,
+    };
+    Ok((file, spool, spool_bytes))
+}
+
+/// Starts the writer thread; the receiver resolves when it has exited (spool lock released).
+fn spawn_writer(writer: Writer) -> anyhow::Result<oneshot::Receiver<()>> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("portcullis-audit-writer".to_owned())
+        .spawn(move || writer.run(done_tx))
+        .context("starting the audit writer thread")?;
+    Ok(done_rx)
 }
 
 /// Starts the shipper thread; returns its stop channel and completion signal.

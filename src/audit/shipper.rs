@@ -144,35 +144,13 @@ impl Shipper {
                     break;
                 }
             }
-            let attempt = match self.stop_request() {
-                Some(s) => {
-                    let left = s.deadline.saturating_duration_since(Instant::now());
-                    tokio::time::timeout(left, self.transport.connect())
-                        .await
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("shutdown deadline")))
-                }
-                None => self.transport.connect().await,
-            };
+            let attempt = self.connect().await;
             match attempt {
                 Ok(conn) => {
                     tracing::info!(syslog = %target, "audit: connected to syslog");
                     down_logged = false;
-                    self.metrics.connected.set(1);
-                    let began = Instant::now();
-                    self.confirmed_in_session = false;
-                    let end = self.session(conn).await;
-                    self.metrics.connected.set(0);
-                    self.rewind();
-                    match end {
-                        SessionEnd::Stopped => break,
-                        SessionEnd::Lost(why) => {
-                            self.metrics.reconnects.inc();
-                            tracing::warn!(syslog = %target, error = %why,
-                                "audit: syslog connection lost; resending from the last confirmed event");
-                            if self.confirmed_in_session || began.elapsed() >= STABLE_SESSION {
-                                self.backoff.reset();
-                            }
-                        }
+                    if self.ship_on(conn, &target).await {
+                        break;
                     }
                 }
                 Err(e) => {
@@ -194,6 +172,41 @@ impl Shipper {
             }
         }
         self.persist(true);
+    }
+
+    /// Runs one session; true when shutdown is done, false when the connection was lost.
+    async fn ship_on(&mut self, conn: Conn, target: &str) -> bool {
+        self.metrics.connected.set(1);
+        let began = Instant::now();
+        self.confirmed_in_session = false;
+        let end = self.session(conn).await;
+        self.metrics.connected.set(0);
+        self.rewind();
+        match end {
+            SessionEnd::Stopped => true,
+            SessionEnd::Lost(why) => {
+                self.metrics.reconnects.inc();
+                tracing::warn!(syslog = %target, error = %why,
+                    "audit: syslog connection lost; resending from the last confirmed event");
+                if self.confirmed_in_session || began.elapsed() >= STABLE_SESSION {
+                    self.backoff.reset();
+                }
+                false
+            }
+        }
+    }
+
+    /// One connection attempt; during shutdown bounded by the deadline.
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        match self.stop_request() {
+            Some(s) => {
+                let left = s.deadline.saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, self.transport.connect())
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("shutdown deadline")))
+            }
+            None => self.transport.connect().await,
+        }
     }
 
     /// After a session: forget what was in flight and resend from the last sure point.
@@ -337,44 +350,71 @@ impl Shipper {
             };
             let began = Instant::now();
             if !batch.bytes.is_empty() {
-                let timeout = self.timing.write_timeout;
-                let send = tokio::time::timeout(timeout, async {
-                    write.write_all(&batch.bytes).await?;
-                    write.flush().await
-                });
-                tokio::pin!(send);
-                loop {
-                    let deadline = self.stop_request().map(|s| s.deadline);
-                    let stop_open = self.stop.has_changed().is_ok();
-                    tokio::select! {
-                        biased;
-                        why = &mut closed => return SessionEnd::Lost(why),
-                        r = &mut send => match r {
-                            Ok(Ok(())) => break,
-                            Ok(Err(e)) => return SessionEnd::Lost(format!("write: {e}")),
-                            Err(_) => return SessionEnd::Lost(format!("write stalled for {timeout:?}")),
-                        },
-                        _ = sleep_until(deadline) => return SessionEnd::Stopped,
-                        _ = self.stop.changed(), if stop_open => {}
-                    }
+                if let Err(end) = self
+                    .write_batch(&mut write, &mut closed, &batch.bytes)
+                    .await
+                {
+                    return end;
                 }
                 self.count_sent(&batch);
             }
-            let now = Instant::now();
-            if now.duration_since(began) > SLOW_WRITE {
-                for entry in &mut self.in_flight {
-                    entry.1 = now;
-                }
-            }
-            // A segment switch carries no bytes: it confirms as soon as what precedes it does.
-            let written = if batch.bytes.is_empty() {
-                now.checked_sub(self.timing.confirm_after).unwrap_or(now)
-            } else {
-                now
-            };
-            self.in_flight.push_back((batch.end, written));
-            self.cursor = batch.end;
+            self.track(batch.end, batch.bytes.is_empty(), began);
         }
+    }
+
+    /// Writes one batch, giving up when the receiver closes, the write stalls past the write
+    /// timeout, or the shutdown deadline passes.
+    async fn write_batch<W, C>(
+        &mut self,
+        write: &mut W,
+        closed: &mut C,
+        bytes: &[u8],
+    ) -> Result<(), SessionEnd>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+        C: std::future::Future<Output = String> + Unpin,
+    {
+        let timeout = self.timing.write_timeout;
+        let send = tokio::time::timeout(timeout, async {
+            write.write_all(bytes).await?;
+            write.flush().await
+        });
+        tokio::pin!(send);
+        loop {
+            let deadline = self.stop_request().map(|s| s.deadline);
+            let stop_open = self.stop.has_changed().is_ok();
+            tokio::select! {
+                biased;
+                why = &mut *closed => return Err(SessionEnd::Lost(why)),
+                r = &mut send => return match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(SessionEnd::Lost(format!("write: {e}"))),
+                    Err(_) => Err(SessionEnd::Lost(format!("write stalled for {timeout:?}"))),
+                },
+                _ = sleep_until(deadline) => return Err(SessionEnd::Stopped),
+                // A stop request may bring a deadline: look again.
+                _ = self.stop.changed(), if stop_open => {}
+            }
+        }
+    }
+
+    /// Puts a written batch (ending at `end`) in flight. A write that took long means data is
+    /// queued in socket buffers, so everything in flight restarts its confirmation clock.
+    fn track(&mut self, end: SpoolPos, empty: bool, began: Instant) {
+        let now = Instant::now();
+        if now.duration_since(began) > SLOW_WRITE {
+            for entry in &mut self.in_flight {
+                entry.1 = now;
+            }
+        }
+        // A segment switch carries no bytes: it confirms as soon as what precedes it does.
+        let written = if empty {
+            now.checked_sub(self.timing.confirm_after).unwrap_or(now)
+        } else {
+            now
+        };
+        self.in_flight.push_back((end, written));
+        self.cursor = end;
     }
 
     /// Commits what has been in flight for `confirm_after` on a live connection.

@@ -718,14 +718,17 @@ fn spawn_shipper(
         start,
     );
     let (done_tx, done_rx) = oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("audit shipper runtime")?;
     std::thread::Builder::new()
         .name("portcullis-audit-shipper".to_owned())
         .spawn(move || {
-            runtime.block_on(shipper.run());
+            // Built here, not by the caller: a runtime must not be dropped inside another.
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(shipper.run()),
+                Err(e) => tracing::error!(error = %e, "audit shipper: cannot start"),
+            }
             let _ = done_tx.send(());
         })
         .context("starting the audit shipper thread")?;
@@ -863,6 +866,12 @@ mod tests {
         assert!(!a.accepting());
         let _ = rx.try_recv();
         assert!(a.accepting());
+    }
+
+    #[test]
+    fn auditor_is_shareable_across_tasks() {
+        fn assert_send_sync<T: Send + Sync + Clone>() {}
+        assert_send_sync::<Auditor>();
     }
 
     #[test]

@@ -156,6 +156,25 @@ fn rsyslogd() -> PathBuf {
         })
 }
 
+/// Fails the test with the package to install when an rsyslog module is missing.
+fn require_module(file: &str) {
+    let roots = ["/usr/lib", "/usr/lib64", "/usr/local/lib"];
+    let mut dirs: Vec<PathBuf> = roots.iter().map(|r| Path::new(r).join("rsyslog")).collect();
+    for root in roots {
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            dirs.push(entry.path().join("rsyslog"));
+        }
+    }
+    if !dirs.iter().any(|d| d.join(file).is_file()) {
+        let package = if file.contains("gtls") {
+            "rsyslog-gnutls"
+        } else {
+            "rsyslog-openssl"
+        };
+        panic!("rsyslog module {file} is not installed (Debian package {package})");
+    }
+}
+
 impl Rsyslog {
     /// Starts rsyslog on a fresh port in `dir` and waits until it accepts.
     pub async fn start(dir: &Path, listen: Listen) -> Rsyslog {
@@ -242,6 +261,9 @@ impl Rsyslog {
     /// Starts (again) on the same port and output file, waiting until it accepts.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "rsyslog is already running");
+        if let Listen::Tls { driver, .. } = &self.listen {
+            require_module(&format!("lmnsd_{driver}.so"));
+        }
         let log = std::fs::File::create(self.dir.join("rsyslogd.stderr")).unwrap();
         let child = Command::new(rsyslogd())
             .arg("-n")
@@ -263,27 +285,37 @@ impl Rsyslog {
         let udp = matches!(self.listen, Listen::Udp);
         let other = self.dir.join("other.log");
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let stderr = self.dir.join("rsyslogd.stderr");
-        let mut child = self.child.take();
-        eventually("rsyslog to listen", || {
-            if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "rsyslogd exited with {status}: {}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
+        let end = Instant::now() + PATIENCE;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("rsyslogd exited with {status}: {}", self.diagnostics());
             }
-            if udp {
+            let ready = if udp {
                 let _ = probe.send_to(b"<13>1 - - probe - - - ready", ("127.0.0.1", port));
-                std::fs::read_to_string(&other)
-                    .ok()
-                    .filter(|s| s.contains("ready"))
-                    .map(|_| ())
+                std::fs::read_to_string(&other).is_ok_and(|s| s.contains("ready"))
             } else {
-                TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            };
+            if ready {
+                return;
             }
-        })
-        .await;
-        self.child = child;
+            assert!(
+                Instant::now() < end,
+                "rsyslog did not listen on {port} within {PATIENCE:?}: {}",
+                self.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// rsyslogd's stderr and its own messages, for failure reports.
+    fn diagnostics(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        format!(
+            "stderr: {}\nrsyslog messages: {}",
+            read("rsyslogd.stderr"),
+            read("other.log")
+        )
     }
 
     /// Stops it with SIGTERM (a clean shutdown) and waits for the process to end.

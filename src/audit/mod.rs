@@ -1040,6 +1040,80 @@ mod tests {
         a.shutdown(Duration::from_secs(5)).await;
     }
 
+    /// After bytes survive `confirm_after` on a live connection they count as delivered: a
+    /// later reconnect resends nothing before that point.
+    #[tokio::test]
+    async fn confirmed_events_are_not_resent_after_a_reconnect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::<String>::new()));
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let (sink, hang) = (received.clone(), hang_up.clone());
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = tokio::select! {
+                        n = conn.read(&mut chunk) => n.unwrap_or(0),
+                        _ = hang.notified(), if first => 0,
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(msg) = take_frame(&mut buf) {
+                        sink.lock().unwrap().push(msg);
+                    }
+                }
+                first = false;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            syslog: Some(SyslogConfig {
+                url: format!("tcp://127.0.0.1:{port}"),
+                spool_dir: Some(dir.path().to_owned()),
+                confirm_after: Some("100ms".into()),
+                backoff_max: Some("200ms".into()),
+                ..SyslogConfig::default()
+            }),
+            ..AuditConfig::default()
+        };
+        let a = Auditor::start(&config, &prometheus::Registry::new()).unwrap();
+        for n in 1..=10 {
+            a.record(decision(n));
+        }
+        eventually("10 received", || received.lock().unwrap().len() == 10).await;
+        let segment_len = || {
+            spool::list_segments(dir.path())
+                .unwrap()
+                .last()
+                .map_or(0, |s| s.1)
+        };
+        eventually("the shipped offset to reach the end", || {
+            spool::load_shipped(dir.path()).is_some_and(|p| p.offset == segment_len())
+        })
+        .await;
+        hang_up.notify_one();
+        for n in 11..=15 {
+            a.record(decision(n));
+        }
+        let boot = a.boot_id().unwrap_or_default().to_owned();
+        let last = format!("event_id=\"{boot}-15\"");
+        eventually("the 15th event", || {
+            received.lock().unwrap().iter().any(|m| m.contains(&last))
+        })
+        .await;
+        assert_eq!(
+            received.lock().unwrap().len(),
+            15,
+            "nothing confirmed was resent"
+        );
+        a.shutdown(Duration::from_secs(5)).await;
+    }
+
     #[test]
     fn record_once_writes_file_and_incoming() {
         let dir = tempfile::tempdir().unwrap();

@@ -273,6 +273,7 @@ impl Shipper {
 
     async fn udp_session(&mut self, socket: tokio::net::UdpSocket) -> SessionEnd {
         loop {
+            self.maybe_persist();
             if let Some(stop) = self.stop_request() {
                 if self.cursor >= stop.until || Instant::now() >= stop.deadline {
                     return SessionEnd::Stopped;
@@ -281,7 +282,7 @@ impl Shipper {
             let batch = match self.next_batch() {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    self.idle(Duration::from_secs(1)).await;
+                    self.idle(self.next_wake()).await;
                     continue;
                 }
                 Err(e) => return SessionEnd::Lost(e),
@@ -309,7 +310,6 @@ impl Shipper {
             self.cursor = batch.end;
             self.committed = batch.end;
             self.confirmed_in_session = true;
-            self.maybe_persist();
         }
     }
 
@@ -318,6 +318,12 @@ impl Shipper {
         let closed = peer_closed(read);
         tokio::pin!(closed);
         loop {
+            // A close that already arrived must win over confirming what is in flight.
+            tokio::select! {
+                biased;
+                why = &mut closed => return SessionEnd::Lost(why),
+                _ = std::future::ready(()) => {}
+            }
             self.confirm();
             self.maybe_persist();
             if let Some(stop) = self.stop_request() {
@@ -331,7 +337,7 @@ impl Shipper {
             let batch = match self.next_batch() {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    let wake = self.next_confirm_due();
+                    let wake = self.next_wake();
                     tokio::select! {
                         biased;
                         why = &mut closed => return SessionEnd::Lost(why),
@@ -429,13 +435,21 @@ impl Shipper {
         }
     }
 
-    fn next_confirm_due(&self) -> Duration {
-        self.in_flight
+    /// When the idle loop must look again: the next confirmation or offset write due.
+    fn next_wake(&self) -> Duration {
+        let now = Instant::now();
+        let due = |at: Instant| at.saturating_duration_since(now) + Duration::from_millis(1);
+        let confirm = self
+            .in_flight
             .front()
-            .map_or(Duration::from_secs(5), |(_, t)| {
-                (*t + self.timing.confirm_after).saturating_duration_since(Instant::now())
-                    + Duration::from_millis(1)
-            })
+            .map(|(_, t)| due(*t + self.timing.confirm_after));
+        let persist =
+            (self.committed != self.persisted).then(|| due(self.last_persist + PERSIST_EVERY));
+        [confirm, persist]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Duration::from_secs(5))
     }
 
     /// Half-closes and waits for the receiver to close too: then it has read everything.

@@ -108,18 +108,17 @@ pub fn keys_json(snapshot: &Snapshot) -> String {
     let keys: Vec<serde_json::Value> = snapshot
         .keys
         .records()
-        .iter()
         .map(|k| {
             serde_json::json!({
-                "id": &*k.id,
-                "prefix": secret::masked(&k.prefix),
-                "principal": &*k.principal.name,
-                "purpose": k.purpose.as_deref(),
-                "active": k.active,
-                "created": time(k.created),
-                "expires": time(k.expires),
-                "calls": k.usage.calls(),
-                "last_used": time(k.usage.last_used()),
+                "id": k.id(),
+                "prefix": secret::masked(k.prefix()),
+                "principal": &*k.principal().name,
+                "purpose": k.purpose(),
+                "active": k.active(),
+                "created": time(k.created()),
+                "expires": time(k.expires()),
+                "calls": k.usage().calls(),
+                "last_used": time(k.usage().last_used()),
             })
         })
         .collect();

@@ -53,12 +53,15 @@ pub struct Started {
 
 /// Runs the proxy with a loaded config until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    // Signal handlers exist before the listeners do, so a SIGHUP or SIGTERM that arrives as
+    // soon as the process looks ready never falls back to the default action (exit).
+    let signals = Signals::register()?;
     let started = start(&config).await?;
-    spawn_signal_handlers(
+    signals.spawn(
         started.loader.clone(),
         started.readiness.clone(),
         started.stop.clone(),
-    )?;
+    );
     let Started { task, audit, .. } = started;
     task.await
         .map_err(|e| RunError::Other(anyhow::anyhow!("proxy task failed: {e}")))?;
@@ -222,44 +225,65 @@ fn spawn_reloader(loader: Arc<Loader>) -> crate::watch::FileWatch {
     guard
 }
 
+/// SIGHUP (reload), SIGTERM and SIGINT (drain), registered up front.
 #[cfg(unix)]
-fn spawn_signal_handlers(
-    loader: Arc<Loader>,
-    readiness: Arc<Readiness>,
-    stop: watch::Sender<bool>,
-) -> Result<(), RunError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).map_err(anyhow::Error::from)?;
-    let mut term = signal(SignalKind::terminate()).map_err(anyhow::Error::from)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading");
-            let loader = loader.clone();
-            let _ = tokio::task::spawn_blocking(move || loader.reload()).await;
-        }
-    });
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
-        }
-        readiness.start_draining();
-        let _ = stop.send(true);
-    });
-    Ok(())
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
+#[cfg(unix)]
+impl Signals {
+    fn register() -> Result<Signals, RunError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind| signal(kind).map_err(|e| RunError::Other(e.into()));
+        Ok(Signals {
+            hup: listen(SignalKind::hangup())?,
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
+        })
+    }
+
+    fn spawn(self, loader: Arc<Loader>, readiness: Arc<Readiness>, stop: watch::Sender<bool>) {
+        let Signals {
+            mut hup,
+            mut term,
+            mut int,
+        } = self;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                let loader = loader.clone();
+                let _ = tokio::task::spawn_blocking(move || loader.reload()).await;
+            }
+        });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            readiness.start_draining();
+            let _ = stop.send(true);
+        });
+    }
+}
+
+/// Ctrl-C (drain) elsewhere.
 #[cfg(not(unix))]
-fn spawn_signal_handlers(
-    _loader: Arc<Loader>,
-    readiness: Arc<Readiness>,
-    stop: watch::Sender<bool>,
-) -> Result<(), RunError> {
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        readiness.start_draining();
-        let _ = stop.send(true);
-    });
-    Ok(())
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn register() -> Result<Signals, RunError> {
+        Ok(Signals)
+    }
+
+    fn spawn(self, _loader: Arc<Loader>, readiness: Arc<Readiness>, stop: watch::Sender<bool>) {
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            readiness.start_draining();
+            let _ = stop.send(true);
+        });
+    }
 }

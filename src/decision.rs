@@ -7,7 +7,7 @@
 use http::Method;
 
 use crate::keys::credential::CredentialError;
-use crate::keys::{KeyLookup, KeyRecord};
+use crate::keys::{Key, KeyLookup};
 use crate::policy::grant::{self, Access, Grant};
 use crate::policy::{Route, RouteRule};
 use crate::state::Snapshot;
@@ -83,7 +83,7 @@ pub struct Decision<'s, 'p> {
     /// The access the route demands, if protected.
     pub access: Option<Access>,
     /// The identified key (also on public routes when a valid key was sent).
-    pub key: Option<&'s KeyRecord>,
+    pub key: Option<Key<'s>>,
     /// The grant that allowed it.
     pub grant: Option<&'s Grant>,
 }
@@ -143,7 +143,7 @@ where
         return decision;
     };
     decision.access = Some(*access);
-    decision.grant = grant::any_allows(&key.grants, *resource, instance, *access);
+    decision.grant = grant::any_allows(key.grants(), *resource, instance, *access);
     decision.reason = if decision.grant.is_some() {
         Reason::Granted
     } else {
@@ -157,7 +157,7 @@ pub fn identify<'s>(
     snapshot: &'s Snapshot,
     credential: Result<Option<&str>, CredentialError>,
     now: i64,
-) -> Result<&'s KeyRecord, Reason> {
+) -> Result<Key<'s>, Reason> {
     let key = match credential {
         Ok(Some(key)) => key,
         Ok(None) => return Err(Reason::NoCredential),

@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditEvent, Auditor};
 use crate::diagnostic::FileProblems;
-use crate::keys::UsageTable;
+use crate::keys::{self, KeyStore, UsageTable};
 use crate::metrics::Metrics;
-use crate::state::{LiveState, Snapshot, Source};
+use crate::policy;
+use crate::state::{LiveState, Snapshot};
 use crate::tls::CertResolver;
 
 /// Which file a reload outcome is about (the `file` label).
@@ -64,44 +65,92 @@ pub fn compile_files(
     policy_path: &Path,
     keys_path: &Path,
     generation: u64,
-    usage: &UsageTable,
+    usage: &Arc<UsageTable>,
 ) -> Result<(Snapshot, Vec<FileProblems>), (ReloadFile, FileProblems)> {
     let policy_text = read(policy_path, "policy").map_err(|p| (ReloadFile::Policy, p))?;
-    let keys_text = read(keys_path, "keys").map_err(|p| (ReloadFile::Keys, p))?;
-    compile_texts(
+    let loaded = compile_from(
         policy_path,
         &policy_text,
         keys_path,
-        &keys_text,
-        generation,
+        None,
         usage,
+        generation,
+    )?;
+    Ok((loaded.snapshot, loaded.warnings))
+}
+
+/// A compiled snapshot with what identifies the file versions it came from.
+struct Loaded {
+    snapshot: Snapshot,
+    warnings: Vec<FileProblems>,
+    policy_digest: [u8; 32],
+    keys_digest: [u8; 32],
+}
+
+/// Compiles the policy text and streams the keys file against it.
+fn compile_from(
+    policy_path: &Path,
+    policy_text: &str,
+    keys_path: &Path,
+    previous: Option<&KeyStore>,
+    usage: &Arc<UsageTable>,
+    generation: u64,
+) -> Result<Loaded, (ReloadFile, FileProblems)> {
+    let policy = policy::compile(policy_text)
+        .map_err(|p| (ReloadFile::Policy, FileProblems::new(policy_path, p)))?;
+    let keys = keys::compile_path(keys_path, &policy, previous, usage)
+        .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
+    finish(
+        policy_text,
+        policy,
+        keys.compiled,
+        keys.digest,
+        keys_path,
+        generation,
     )
 }
 
-fn compile_texts(
+/// Compiles the policy text and keys text (the key API's freshly written file).
+fn compile_text(
     policy_path: &Path,
     policy_text: &str,
     keys_path: &Path,
     keys_text: &str,
+    previous: Option<&KeyStore>,
+    usage: &Arc<UsageTable>,
     generation: u64,
-    usage: &UsageTable,
-) -> Result<(Snapshot, Vec<FileProblems>), (ReloadFile, FileProblems)> {
-    match Snapshot::compile(policy_text, keys_text, generation, usage) {
-        Ok((snapshot, warnings)) => {
-            let warnings = if warnings.is_empty() {
-                Vec::new()
-            } else {
-                vec![FileProblems::new(keys_path, warnings)]
-            };
-            Ok((snapshot, warnings))
-        }
-        Err((Source::Policy, problems)) => {
-            Err((ReloadFile::Policy, FileProblems::new(policy_path, problems)))
-        }
-        Err((Source::Keys, problems)) => {
-            Err((ReloadFile::Keys, FileProblems::new(keys_path, problems)))
-        }
-    }
+) -> Result<Loaded, (ReloadFile, FileProblems)> {
+    let policy = policy::compile(policy_text)
+        .map_err(|p| (ReloadFile::Policy, FileProblems::new(policy_path, p)))?;
+    let compiled = keys::compile(keys_text, &policy, previous, usage)
+        .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
+    let digest = digest(keys_text.as_bytes());
+    finish(policy_text, policy, compiled, digest, keys_path, generation)
+}
+
+fn finish(
+    policy_text: &str,
+    policy: crate::policy::Policy,
+    compiled: keys::Compiled,
+    keys_digest: [u8; 32],
+    keys_path: &Path,
+    generation: u64,
+) -> Result<Loaded, (ReloadFile, FileProblems)> {
+    let warnings = if compiled.warnings.is_empty() {
+        Vec::new()
+    } else {
+        vec![FileProblems::new(keys_path, compiled.warnings)]
+    };
+    Ok(Loaded {
+        snapshot: Snapshot {
+            generation,
+            policy: Arc::new(policy),
+            keys: Arc::new(compiled.store),
+        },
+        warnings,
+        policy_digest: digest(policy_text.as_bytes()),
+        keys_digest,
+    })
 }
 
 fn read(path: &Path, what: &str) -> Result<String, FileProblems> {
@@ -117,6 +166,24 @@ fn read(path: &Path, what: &str) -> Result<String, FileProblems> {
 
 fn digest(text: &[u8]) -> [u8; 32] {
     Sha256::digest(text).into()
+}
+
+/// Size, modification time and inode of a file (through symlinks): a cheap "did it change?".
+fn fingerprint(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((m.len(), m.modified().ok()?, inode))
+}
+
+/// What the live state was loaded from.
+struct Versions {
+    policy: [u8; 32],
+    keys: [u8; 32],
+    keys_fingerprint: Option<(u64, std::time::SystemTime, u64)>,
+    tls: [u8; 32],
 }
 
 /// The TLS material being served, to reload on change.
@@ -135,8 +202,8 @@ pub struct Loader {
     keys_path: PathBuf,
     generation: AtomicU64,
     state: LiveState,
-    usage: UsageTable,
-    digests: Mutex<([u8; 32], [u8; 32], [u8; 32])>,
+    usage: Arc<UsageTable>,
+    versions: Mutex<Versions>,
     metrics: Metrics,
     tls: Option<TlsFiles>,
     audit: Auditor,
@@ -151,31 +218,25 @@ impl Loader {
         tls: Option<TlsFiles>,
         audit: Auditor,
     ) -> Result<Arc<Loader>, FileProblems> {
-        let usage = UsageTable::default();
+        let usage = Arc::<UsageTable>::default();
+        let keys_fingerprint = fingerprint(&keys_path);
         let policy_text = read(&policy_path, "policy")?;
-        let keys_text = read(&keys_path, "keys")?;
-        let (snapshot, warnings) = compile_texts(
-            &policy_path,
-            &policy_text,
-            &keys_path,
-            &keys_text,
-            1,
-            &usage,
-        )
-        .map_err(|(_, p)| p)?;
-        log_warnings(&warnings);
+        let loaded = compile_from(&policy_path, &policy_text, &keys_path, None, &usage, 1)
+            .map_err(|(_, p)| p)?;
+        log_warnings(&loaded.warnings);
         let tls_digest = tls.as_ref().map_or([0; 32], tls_digest);
         let loader = Loader {
             policy_path,
             keys_path,
             generation: AtomicU64::new(1),
-            state: Arc::new(ArcSwap::from_pointee(snapshot)),
+            state: Arc::new(ArcSwap::from_pointee(loaded.snapshot)),
             usage,
-            digests: Mutex::new((
-                digest(policy_text.as_bytes()),
-                digest(keys_text.as_bytes()),
-                tls_digest,
-            )),
+            versions: Mutex::new(Versions {
+                policy: loaded.policy_digest,
+                keys: loaded.keys_digest,
+                keys_fingerprint,
+                tls: tls_digest,
+            }),
             metrics,
             tls,
             audit,
@@ -201,13 +262,13 @@ impl Loader {
 
     /// Re-reads every file and applies what changed. Never leaves a half-applied state.
     pub fn reload(&self) -> Vec<ReloadOutcome> {
-        let mut digests = match self.digests.lock() {
+        let mut versions = match self.versions.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut outcomes = vec![self.reload_state(&mut digests)];
+        let mut outcomes = vec![self.reload_state(&mut versions)];
         if let Some(tls) = &self.tls {
-            outcomes.push(self.reload_tls(tls, &mut digests.2));
+            outcomes.push(self.reload_tls(tls, &mut versions.tls));
         }
         for outcome in &outcomes {
             self.count(outcome);
@@ -215,79 +276,86 @@ impl Loader {
         outcomes
     }
 
-    fn reload_state(&self, digests: &mut ([u8; 32], [u8; 32], [u8; 32])) -> ReloadOutcome {
-        let texts = read(&self.policy_path, "policy")
-            .map_err(|p| (ReloadFile::Policy, p))
-            .and_then(|p| {
-                Ok((
-                    p,
-                    read(&self.keys_path, "keys").map_err(|k| (ReloadFile::Keys, k))?,
-                ))
-            });
-        let (policy_text, keys_text) = match texts {
+    fn reload_state(&self, versions: &mut Versions) -> ReloadOutcome {
+        let policy_text = match read(&self.policy_path, "policy") {
             Ok(t) => t,
-            Err((file, problems)) => return rejected(file, &problems),
+            Err(problems) => return rejected(ReloadFile::Policy, &problems),
         };
-        let new = (digest(policy_text.as_bytes()), digest(keys_text.as_bytes()));
-        if new == (digests.0, digests.1) {
+        let policy_changed = digest(policy_text.as_bytes()) != versions.policy;
+        let keys_fingerprint = fingerprint(&self.keys_path);
+        if keys_fingerprint.is_none() {
+            let problems = read(&self.keys_path, "keys").err();
+            if let Some(problems) = problems {
+                return rejected(ReloadFile::Keys, &problems);
+            }
+        }
+        if !policy_changed && keys_fingerprint == versions.keys_fingerprint {
             return ReloadOutcome::Unchanged;
         }
-        let mut files = Vec::new();
-        if new.0 != digests.0 {
-            files.push(ReloadFile::Policy);
-        }
-        if new.1 != digests.1 {
-            files.push(ReloadFile::Keys);
-        }
         let next = self.generation.load(Ordering::SeqCst) + 1;
-        let compiled = compile_texts(
+        let current = self.state.load_full();
+        let loaded = match compile_from(
             &self.policy_path,
             &policy_text,
             &self.keys_path,
-            &keys_text,
-            next,
+            Some(&current.keys),
             &self.usage,
-        );
-        match compiled {
-            Err((file, problems)) => rejected(file, &problems),
-            Ok((snapshot, warnings)) => {
-                log_warnings(&warnings);
-                self.state.store(Arc::new(snapshot));
-                self.generation.store(next, Ordering::SeqCst);
-                (digests.0, digests.1) = new;
-                self.publish_gauges();
-                ReloadOutcome::Applied {
-                    files,
-                    generation: next,
-                }
-            }
+            next,
+        ) {
+            Ok(l) => l,
+            Err((file, problems)) => return rejected(file, &problems),
+        };
+        versions.keys_fingerprint = keys_fingerprint;
+        let keys_changed = loaded.keys_digest != versions.keys;
+        if !policy_changed && !keys_changed {
+            return ReloadOutcome::Unchanged;
         }
+        let files: Vec<ReloadFile> = [
+            (policy_changed, ReloadFile::Policy),
+            (keys_changed, ReloadFile::Keys),
+        ]
+        .into_iter()
+        .filter_map(|(changed, f)| changed.then_some(f))
+        .collect();
+        self.swap(loaded, versions);
+        ReloadOutcome::Applied {
+            files,
+            generation: next,
+        }
+    }
+
+    fn swap(&self, loaded: Loaded, versions: &mut Versions) {
+        log_warnings(&loaded.warnings);
+        let generation = loaded.snapshot.generation;
+        self.state.store(Arc::new(loaded.snapshot));
+        self.generation.store(generation, Ordering::SeqCst);
+        versions.policy = loaded.policy_digest;
+        versions.keys = loaded.keys_digest;
+        self.publish_gauges();
     }
 
     /// Applies keys text that was just written to the keys file (by the key API), so the change
     /// is live before the writer answers; the watcher then finds nothing new to apply.
     pub fn apply_keys_text(&self, keys_text: &str) -> Result<u64, String> {
-        let mut digests = match self.digests.lock() {
+        let mut versions = match self.versions.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
         let policy_text = read(&self.policy_path, "policy").map_err(|p| p.to_string())?;
         let next = self.generation.load(Ordering::SeqCst) + 1;
-        let (snapshot, warnings) = compile_texts(
+        let current = self.state.load_full();
+        let loaded = compile_text(
             &self.policy_path,
             &policy_text,
             &self.keys_path,
             keys_text,
-            next,
+            Some(&current.keys),
             &self.usage,
+            next,
         )
         .map_err(|(_, p)| p.to_string())?;
-        log_warnings(&warnings);
-        self.state.store(Arc::new(snapshot));
-        self.generation.store(next, Ordering::SeqCst);
-        digests.0 = digest(policy_text.as_bytes());
-        digests.1 = digest(keys_text.as_bytes());
-        self.publish_gauges();
+        versions.keys_fingerprint = fingerprint(&self.keys_path);
+        self.swap(loaded, &mut versions);
         self.count(&ReloadOutcome::Applied {
             files: vec![ReloadFile::Keys],
             generation: next,

@@ -40,12 +40,11 @@ impl Snapshot {
         policy_text: &str,
         keys_text: &str,
         generation: u64,
-        usage: &UsageTable,
+        usage: &Arc<UsageTable>,
     ) -> Result<(Snapshot, Vec<Problem>), SourceProblems> {
         let policy = policy::compile(policy_text).map_err(|p| (Source::Policy, p))?;
-        let keys_file = keys::file::parse(keys_text).map_err(|p| (Source::Keys, vec![p]))?;
         let compiled =
-            keys::compile(&keys_file, &policy, keys_text, usage).map_err(|p| (Source::Keys, p))?;
+            keys::compile(keys_text, &policy, None, usage).map_err(|p| (Source::Keys, p))?;
         Ok((
             Snapshot {
                 generation,

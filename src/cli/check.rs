@@ -33,19 +33,16 @@ pub fn run(files: &FileArgs) -> Result<(), CommandError> {
                 keys_path.display()
             ))
         })?;
-        match keys::file::parse(&keys_text) {
-            Err(p) => reports.push(FileProblems::new(keys_path, vec![p])),
-            Ok(file) => match keys::compile(&file, policy, &keys_text, &Default::default()) {
-                Err(problems) => reports.push(FileProblems::new(keys_path, problems)),
-                Ok(c) if !c.warnings.is_empty() => {
-                    reports.push(FileProblems::new(keys_path, c.warnings))
-                }
-                Ok(c) => summary.push_str(&format!(
-                    "\n{}: ok ({} keys)",
-                    keys_path.display(),
-                    c.store.len()
-                )),
-            },
+        match keys::compile(&keys_text, policy, None, &Default::default()) {
+            Err(problems) => reports.push(FileProblems::new(keys_path, problems)),
+            Ok(c) if !c.warnings.is_empty() => {
+                reports.push(FileProblems::new(keys_path, c.warnings))
+            }
+            Ok(c) => summary.push_str(&format!(
+                "\n{}: ok ({} keys)",
+                keys_path.display(),
+                c.store.len()
+            )),
         }
     }
     if reports.is_empty() {

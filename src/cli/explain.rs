@@ -4,7 +4,7 @@ use http::Method;
 
 use super::{resolve_files, CommandError, FileArgs};
 use crate::decision::{self, Reason};
-use crate::keys::KeyRecord;
+use crate::keys::Key;
 use crate::path;
 use crate::policy::RouteRule;
 use crate::proxy::service::unix_now;
@@ -42,11 +42,11 @@ pub fn run(
     Ok(())
 }
 
-fn explain(snapshot: &Snapshot, key: &KeyRecord, method: &Method, path: &str) -> Vec<String> {
+fn explain(snapshot: &Snapshot, key: Key<'_>, method: &Method, path: &str) -> Vec<String> {
     let now = unix_now();
-    let state = if !key.active {
+    let state = if !key.active() {
         Some(Reason::InactiveKey)
-    } else if key.expires.is_some_and(|e| now >= e) {
+    } else if key.expires().is_some_and(|e| now >= e) {
         Some(Reason::ExpiredKey)
     } else {
         None
@@ -77,7 +77,7 @@ fn explain(snapshot: &Snapshot, key: &KeyRecord, method: &Method, path: &str) ->
                     };
                     detail.push(format!("needs: {needed}"));
                     match crate::policy::grant::any_allows(
-                        &key.grants,
+                        key.grants(),
                         *resource,
                         h.instance,
                         *access,
@@ -102,18 +102,22 @@ fn explain(snapshot: &Snapshot, key: &KeyRecord, method: &Method, path: &str) ->
     lines.push(format!("{verdict} ({})", reason.as_str()));
     lines.push(format!(
         "key: {} ({}***) of {} {}{}",
-        key.id,
-        key.prefix,
-        key.principal.kind.as_str(),
-        key.principal.name,
-        if key.scoped {
+        key.id(),
+        key.prefix(),
+        key.principal().kind.as_str(),
+        key.principal().name,
+        if key.scoped() {
             ", narrowed by scopes"
         } else {
             ""
         }
     ));
     lines.extend(detail);
-    let grants: Vec<String> = key.grants.iter().map(|g| policy.display_grant(g)).collect();
+    let grants: Vec<String> = key
+        .grants()
+        .iter()
+        .map(|g| policy.display_grant(g))
+        .collect();
     lines.push(format!("effective grants: {}", grants.join(", ")));
     lines
 }

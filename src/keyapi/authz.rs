@@ -6,7 +6,7 @@
 //! principal (`api_keys/NAME:manage` for one principal only). A new key never exceeds the key
 //! that makes it nor the principal it is for.
 
-use crate::keys::KeyRecord;
+use crate::keys::Key;
 use crate::policy::grant::{self, Access, Grant};
 use crate::policy::{Policy, Principal, API_KEYS_RESOURCE};
 
@@ -38,21 +38,16 @@ pub enum Refused {
 }
 
 /// Whether `caller` may act at `level` on the keys of `target`.
-pub fn may(
-    policy: &Policy,
-    caller: &KeyRecord,
-    target: &str,
-    level: Access,
-) -> Result<(), Refused> {
+pub fn may(policy: &Policy, caller: Key<'_>, target: &str, level: Access) -> Result<(), Refused> {
     let Some(resource) = policy.resource_id(API_KEYS_RESOURCE) else {
         return Err(Refused::NotAllowed {
             needed: level,
             whose: "any",
         });
     };
-    let own = *caller.principal.name == *target;
+    let own = *caller.principal().name == *target;
     let needed = if own { level } else { Access::Manage };
-    match grant::any_allows(&caller.grants, resource, Some(target), needed) {
+    match grant::any_allows(caller.grants(), resource, Some(target), needed) {
         Some(_) => Ok(()),
         None => Err(Refused::NotAllowed {
             needed,
@@ -62,10 +57,10 @@ pub fn may(
 }
 
 /// Whether the caller may see every principal's keys (list without a filter).
-pub fn may_list_all(policy: &Policy, caller: &KeyRecord) -> bool {
+pub fn may_list_all(policy: &Policy, caller: Key<'_>) -> bool {
     policy
         .resource_id(API_KEYS_RESOURCE)
-        .is_some_and(|r| grant::any_allows(&caller.grants, r, None, Access::Manage).is_some())
+        .is_some_and(|r| grant::any_allows(caller.grants(), r, None, Access::Manage).is_some())
 }
 
 /// The scopes a new key gets, after the no-escalation checks. `None` means "no scopes": the key
@@ -73,12 +68,12 @@ pub fn may_list_all(policy: &Policy, caller: &KeyRecord) -> bool {
 /// principal inherits the caller key's scopes, so a read-only key only mints read-only keys.
 pub fn scopes_for_new_key(
     policy: &Policy,
-    caller: &KeyRecord,
+    caller: Key<'_>,
     caller_scopes: Option<&[String]>,
     target: &Principal,
     requested: Option<&[String]>,
 ) -> Result<Option<Vec<String>>, Refused> {
-    let own = *caller.principal.name == *target.name;
+    let own = *caller.principal().name == *target.name;
     let scopes: Option<Vec<String>> = match requested {
         Some(list) => Some(list.to_vec()),
         None if own => caller_scopes.map(<[String]>::to_vec),
@@ -108,14 +103,10 @@ pub fn scopes_for_new_key(
 }
 
 /// Refuses when `effective` allows anything the caller's key does not.
-pub fn within_caller(
-    policy: &Policy,
-    caller: &KeyRecord,
-    effective: &[Grant],
-) -> Result<(), Refused> {
+pub fn within_caller(policy: &Policy, caller: Key<'_>, effective: &[Grant]) -> Result<(), Refused> {
     match effective
         .iter()
-        .find(|g| !grant::set_within(std::slice::from_ref(*g), &caller.grants))
+        .find(|g| !grant::set_within(std::slice::from_ref(*g), caller.grants()))
     {
         None => Ok(()),
         Some(g) => Err(Refused::ExceedsCaller(policy.display_grant(g))),
@@ -169,7 +160,7 @@ principals:
             .0
     }
 
-    fn key<'s>(s: &'s Snapshot, id: &str) -> &'s KeyRecord {
+    fn key<'s>(s: &'s Snapshot, id: &str) -> Key<'s> {
         s.keys.by_id(id).unwrap()
     }
 

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use crate::cli::{expiry_from, format_time};
 use crate::keys::file::{self, KeyEntry, KeysFile};
-use crate::keys::{secret, KeyRecord};
+use crate::keys::{secret, Key};
 use crate::policy::grant::Access;
 use crate::proxy::ProxyBody;
 use crate::reload::Loader;
@@ -54,7 +54,7 @@ impl KeyRepository for FileRepository {
         change: &mut dyn FnMut(&mut KeysFile) -> anyhow::Result<()>,
     ) -> anyhow::Result<String> {
         let ((), written) = file::update(&self.path, |f| change(f))?;
-        Ok(file::render(&written)?)
+        Ok(file::render(&written))
     }
 }
 
@@ -194,7 +194,7 @@ impl KeyApi {
         query: &str,
         body: &[u8],
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let parts: Vec<&str> = if rest.is_empty() {
             Vec::new()
@@ -220,7 +220,7 @@ impl KeyApi {
     fn audit(
         &self,
         action: &'static str,
-        caller: &KeyRecord,
+        caller: Key<'_>,
         target: (&str, &str),
         result: &Result<(StatusCode, serde_json::Value), ApiError>,
     ) {
@@ -231,8 +231,8 @@ impl KeyApi {
         };
         (self.on_action)(KeyAction {
             action,
-            key_id: caller.id.to_string(),
-            principal: caller.principal.name.to_string(),
+            key_id: caller.id().to_string(),
+            principal: caller.principal().name.to_string(),
             target_key_id: target.0.to_string(),
             target_principal: target.1.to_string(),
             result,
@@ -243,7 +243,7 @@ impl KeyApi {
         &self,
         body: &[u8],
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -257,7 +257,7 @@ impl KeyApi {
         let target = req
             .principal
             .clone()
-            .unwrap_or_else(|| caller.principal.name.to_string());
+            .unwrap_or_else(|| caller.principal().name.to_string());
         let result = self.create_inner(
             req.scopes,
             req.purpose,
@@ -286,7 +286,7 @@ impl KeyApi {
         expires: Option<String>,
         target: &str,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let policy = &snapshot.policy;
         authz::may(policy, caller, target, Access::Write)?;
@@ -307,7 +307,7 @@ impl KeyApi {
             let caller_scopes = f
                 .keys
                 .iter()
-                .find(|k| *k.id == *caller.id)
+                .find(|k| *k.id == *caller.id())
                 .and_then(|k| k.scopes.clone());
             let scopes = match authz::scopes_for_new_key(
                 policy,
@@ -354,7 +354,7 @@ impl KeyApi {
         &self,
         query: &str,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let policy = &snapshot.policy;
         let filter = query
@@ -368,7 +368,7 @@ impl KeyApi {
             }
             None if authz::may_list_all(policy, caller) => None,
             None => {
-                let own = caller.principal.name.to_string();
+                let own = caller.principal().name.to_string();
                 authz::may(policy, caller, &own, Access::Read)?;
                 Some(own)
             }
@@ -388,7 +388,7 @@ impl KeyApi {
         &self,
         id: &str,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<KeyEntry, ApiError> {
         let file = self.repository.read().map_err(internal)?;
         let entry = file
@@ -405,7 +405,7 @@ impl KeyApi {
         &self,
         id: &str,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let entry = self.visible(id, snapshot, caller)?;
         Ok((StatusCode::OK, key_object(&entry, snapshot.keys.by_id(id))))
@@ -416,7 +416,7 @@ impl KeyApi {
         &self,
         id: &str,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
         change: &mut dyn FnMut(&mut KeysFile, usize) -> Result<(), ApiError>,
     ) -> Result<KeyEntry, ApiError> {
         let entry = self.visible(id, snapshot, caller)?;
@@ -445,7 +445,7 @@ impl KeyApi {
         id: &str,
         active: bool,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let mut updated: Option<KeyEntry> = None;
         let result = self
@@ -474,7 +474,7 @@ impl KeyApi {
         &self,
         id: &str,
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let result = self
             .change_entry(id, snapshot, caller, &mut |f, i| {
@@ -491,7 +491,7 @@ impl KeyApi {
         id: &str,
         body: &[u8],
         snapshot: &Snapshot,
-        caller: &KeyRecord,
+        caller: Key<'_>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         #[derive(serde::Deserialize, Default)]
         #[serde(deny_unknown_fields)]
@@ -516,7 +516,7 @@ impl KeyApi {
         let result = self
             .change_entry(id, snapshot, caller, &mut |f, i| {
                 if let Some(old) = snapshot.keys.by_id(id) {
-                    authz::within_caller(&snapshot.policy, caller, &old.grants)?;
+                    authz::within_caller(&snapshot.policy, caller, old.grants())?;
                 }
                 let old = &mut f.keys[i];
                 let entry = KeyEntry {
@@ -551,7 +551,7 @@ impl KeyApi {
     fn audit_target(
         &self,
         action: &'static str,
-        caller: &KeyRecord,
+        caller: Key<'_>,
         id: &str,
         snapshot: &Snapshot,
         result: &Result<(StatusCode, serde_json::Value), ApiError>,
@@ -559,7 +559,7 @@ impl KeyApi {
         let principal = snapshot
             .keys
             .by_id(id)
-            .map_or(String::new(), |k| k.principal.name.to_string());
+            .map_or(String::new(), |k| k.principal().name.to_string());
         self.audit(action, caller, (id, &principal), result);
     }
 }
@@ -574,9 +574,9 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 /// The key object: never the key or its hash.
-fn key_object(entry: &KeyEntry, live: Option<&KeyRecord>) -> serde_json::Value {
+fn key_object(entry: &KeyEntry, live: Option<Key<'_>>) -> serde_json::Value {
     let last_used = live
-        .and_then(|k| k.usage.last_used())
+        .and_then(|k| k.usage().last_used())
         .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
         .and_then(|t| format_time(t).ok());
     serde_json::json!({
@@ -588,7 +588,7 @@ fn key_object(entry: &KeyEntry, live: Option<&KeyRecord>) -> serde_json::Value {
         "active": entry.active,
         "created": entry.created,
         "expires": entry.expires,
-        "calls": live.map_or(0, |k| k.usage.calls()),
+        "calls": live.map_or(0, |k| k.usage().calls()),
         "last_used": last_used,
     })
 }

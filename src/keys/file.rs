@@ -55,8 +55,18 @@ fn default_active() -> bool {
     true
 }
 
-/// Parses keys-file text.
+/// Parses keys-file text: the fast reader for the usual shapes, serde_yaml for the rest.
 pub fn parse(source: &str) -> Result<KeysFile, Problem> {
+    let mut keys = Vec::new();
+    match super::reader::read_entries(source.as_bytes(), &mut |entry, _| keys.push(entry)) {
+        Ok(_) => Ok(KeysFile { version: 1, keys }),
+        Err(super::reader::ReadError::Version(message)) => Err(Problem::at(1, 1, message)),
+        Err(_) => parse_general(source),
+    }
+}
+
+/// Parses keys-file text with serde_yaml (precise errors for any YAML).
+pub fn parse_general(source: &str) -> Result<KeysFile, Problem> {
     if source.trim().is_empty() {
         return Err(Problem::at(
             1,
@@ -110,7 +120,7 @@ pub fn locate(source: &str, index: usize, field: Option<&str>) -> (usize, usize)
 
 /// Replaces `path` with `file` atomically, mode 0600.
 pub fn write_atomic(path: &Path, file: &KeysFile) -> std::io::Result<()> {
-    let text = render(file).map_err(std::io::Error::other)?;
+    let text = render(file);
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -129,12 +139,9 @@ pub fn write_atomic(path: &Path, file: &KeysFile) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The file's text, with a header reminding readers that no key is stored in it.
-pub fn render(file: &KeysFile) -> Result<String, serde_yaml::Error> {
-    let body = serde_yaml::to_string(file)?;
-    Ok(format!(
-        "# portcullis keys: SHA-256 hashes only, never a plaintext key.\n# Managed by `portcullis keys ...`; hand edits are fine.\n{body}"
-    ))
+/// The file's text in canonical form (see `reader::render`).
+pub fn render(file: &KeysFile) -> String {
+    super::reader::render(file)
 }
 
 #[cfg(unix)]

@@ -1,53 +1,33 @@
 //! Keys: who is presenting this request?
 //!
 //! Pure: the [`KeyStore`] is compiled from the keys file against a policy, precomputing each key's
-//! effective grants (principal ∩ scopes), so a request costs one SHA-256, one hash-map lookup and
-//! a short grant scan. The clock is passed in by the caller.
+//! effective grants (principal ∩ scopes), so a request costs one SHA-256, one hash-table lookup
+//! and a short grant scan. The clock is passed in by the caller.
+//!
+//! The store is compact because it may hold a million keys: records are fixed-size, strings live
+//! in one arena, both indexes are tables of `u32` positions, and keys with the same effective
+//! grants share one grant set.
 
 pub mod credential;
 pub mod file;
+pub mod reader;
 pub mod secret;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::BuildHasher;
+use std::io::{BufRead, Read};
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+use sha2::{Digest, Sha256};
 
 use crate::diagnostic::Problem;
 use crate::policy::grant::{self, Grant};
 use crate::policy::{Policy, Principal};
-use file::KeysFile;
-
-/// A SHA-256 digest used as a map key. Its first eight bytes are already uniformly random and
-/// not chosen by clients, so they are the hash; no need to run SipHash over it again.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct KeyDigest(pub [u8; 32]);
-
-impl Hash for KeyDigest {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
-    }
-}
-
-/// Hasher that passes a `u64` through.
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
+use file::KeyEntry;
+use reader::{EntryLines, ReadError};
 
 /// A key's call count and last use, shared across reloads so counts survive a keys-file change.
 #[derive(Debug, Default)]
@@ -76,75 +56,150 @@ impl Usage {
     }
 }
 
-/// Usage cells by key id. Only touched while compiling a store, never on the request path.
+/// Usage cells for every key a process has loaded, append-only and lock-free. Each store maps
+/// its keys to slots here; a reload reuses the slot of a key id it already knew.
 #[derive(Default)]
 pub struct UsageTable {
-    cells: Mutex<HashMap<Box<str>, Arc<Usage>>>,
+    slots: boxcar::Vec<Usage>,
 }
 
 impl UsageTable {
-    fn cells_for(&self, ids: &[&str]) -> Vec<Arc<Usage>> {
-        let mut cells = match self.cells.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
+    fn push(&self) -> u32 {
+        self.slots.push(Usage::default()) as u32
+    }
+
+    fn get(&self, slot: u32) -> &Usage {
+        static UNUSED: Usage = Usage {
+            calls: AtomicU64::new(0),
+            last_used: AtomicI64::new(0),
         };
-        let out: Vec<Arc<Usage>> = ids
-            .iter()
-            .map(|id| cells.entry((*id).into()).or_default().clone())
-            .collect();
-        if cells.len() > ids.len() {
-            let keep: std::collections::HashSet<&str> = ids.iter().copied().collect();
-            cells.retain(|id, _| keep.contains(&**id));
-        }
-        out
+        self.slots.get(slot as usize).unwrap_or(&UNUSED)
     }
 }
 
-/// One usable key, with everything a decision needs.
+/// Start and length of a string in the store's arena.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+const NO_TIME: i64 = i64::MIN;
+
 #[derive(Debug)]
-pub struct KeyRecord {
+struct Record {
+    digest: [u8; 32],
+    id: Span,
+    prefix: Span,
+    purpose: Option<Span>,
+    principal: u32,
+    grants: u32,
+    slot: u32,
+    expires: i64,
+    created: i64,
+    active: bool,
+    scoped: bool,
+}
+
+/// One key of a store, with everything a decision needs.
+#[derive(Clone, Copy)]
+pub struct Key<'s> {
+    store: &'s KeyStore,
+    record: &'s Record,
+    index: u32,
+}
+
+impl std::fmt::Debug for Key<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key").field("id", &self.id()).finish()
+    }
+}
+
+impl<'s> Key<'s> {
     /// Public id.
-    pub id: Box<str>,
+    pub fn id(&self) -> &'s str {
+        self.store.text(self.record.id)
+    }
+
     /// First 10 characters of the key.
-    pub prefix: Box<str>,
-    /// Owner.
-    pub principal: Arc<Principal>,
-    /// Effective grants: the principal's, narrowed by the scopes when there are any.
-    pub grants: Arc<[Grant]>,
-    /// Whether the key carries scopes.
-    pub scoped: bool,
-    /// Inactive keys answer 401.
-    pub active: bool,
-    /// Unix seconds after which the key answers 401.
-    pub expires: Option<i64>,
-    /// Unix seconds of creation, when known.
-    pub created: Option<i64>,
+    pub fn prefix(&self) -> &'s str {
+        self.store.text(self.record.prefix)
+    }
+
     /// What the key is for.
-    pub purpose: Option<Box<str>>,
+    pub fn purpose(&self) -> Option<&'s str> {
+        self.record.purpose.map(|s| self.store.text(s))
+    }
+
+    /// Owner.
+    pub fn principal(&self) -> &'s Arc<Principal> {
+        &self.store.principals[self.record.principal as usize]
+    }
+
+    /// Effective grants: the principal's, narrowed by the scopes when there are any.
+    pub fn grants(&self) -> &'s [Grant] {
+        &self.store.grant_sets[self.record.grants as usize]
+    }
+
+    /// Whether the key carries scopes.
+    pub fn scoped(&self) -> bool {
+        self.record.scoped
+    }
+
+    /// Inactive keys answer 401.
+    pub fn active(&self) -> bool {
+        self.record.active
+    }
+
+    /// Unix seconds after which the key answers 401.
+    pub fn expires(&self) -> Option<i64> {
+        (self.record.expires != NO_TIME).then_some(self.record.expires)
+    }
+
+    /// Unix seconds of creation, when known.
+    pub fn created(&self) -> Option<i64> {
+        (self.record.created != NO_TIME).then_some(self.record.created)
+    }
+
     /// Call count and last use.
-    pub usage: Arc<Usage>,
+    pub fn usage(&self) -> &'s Usage {
+        self.store.usage.get(self.record.slot)
+    }
+
     /// Position in the store.
-    pub index: u32,
+    pub fn index(&self) -> u32 {
+        self.index
+    }
 }
 
 /// What a presented key turned out to be.
 pub enum KeyLookup<'s> {
     /// Known, active, not expired.
-    Valid(&'s KeyRecord),
+    Valid(Key<'s>),
     /// Not in the store.
     Unknown,
     /// Deactivated.
-    Inactive(&'s KeyRecord),
+    Inactive(Key<'s>),
     /// Past its expiry.
-    Expired(&'s KeyRecord),
+    Expired(Key<'s>),
 }
 
-/// Every key, indexed by hash and by id.
-#[derive(Default)]
+/// Every usable key, indexed by hash and by id.
 pub struct KeyStore {
-    by_hash: HashMap<KeyDigest, u32, BuildHasherDefault<DigestHasher>>,
-    by_id: HashMap<Box<str>, u32>,
-    records: Vec<KeyRecord>,
+    records: Vec<Record>,
+    arena: String,
+    principals: Vec<Arc<Principal>>,
+    grant_sets: Vec<Arc<[Grant]>>,
+    by_hash: HashTable<u32>,
+    by_id: HashTable<u32>,
+    id_hasher: std::hash::RandomState,
+    usage: Arc<UsageTable>,
+}
+
+impl Default for KeyStore {
+    fn default() -> Self {
+        KeyStore::with_usage(Arc::default(), 0)
+    }
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -155,45 +210,78 @@ impl std::fmt::Debug for KeyStore {
     }
 }
 
-/// A compiled store and the problems that did not stop it (keys disabled or narrowed).
-pub struct Compiled {
-    /// The store.
-    pub store: KeyStore,
-    /// Problems that made a key unusable or narrower, but not the file invalid.
-    pub warnings: Vec<Problem>,
+fn digest_hash(digest: &[u8; 32]) -> u64 {
+    // The digest is uniformly random and not chosen by clients: its first bytes are the hash.
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
 }
 
 impl KeyStore {
+    fn with_usage(usage: Arc<UsageTable>, capacity: usize) -> Self {
+        KeyStore {
+            records: Vec::with_capacity(capacity),
+            arena: String::with_capacity(capacity * 24),
+            principals: Vec::new(),
+            grant_sets: Vec::new(),
+            by_hash: HashTable::with_capacity(capacity),
+            by_id: HashTable::with_capacity(capacity),
+            id_hasher: std::hash::RandomState::new(),
+            usage,
+        }
+    }
+
+    fn text(&self, span: Span) -> &str {
+        let start = span.start as usize;
+        self.arena
+            .get(start..start + span.len as usize)
+            .unwrap_or("")
+    }
+
+    fn key(&self, index: u32) -> Option<Key<'_>> {
+        self.records.get(index as usize).map(|record| Key {
+            store: self,
+            record,
+            index,
+        })
+    }
+
     /// Looks a presented key up and checks its state at `now` (Unix seconds).
     #[inline]
-    pub fn lookup(&self, key: &str, now: i64) -> KeyLookup<'_> {
-        let digest = KeyDigest(secret::digest(key));
-        let Some(index) = self.by_hash.get(&digest) else {
+    pub fn lookup(&self, presented: &str, now: i64) -> KeyLookup<'_> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let found = self.by_hash.find(digest_hash(&digest), |i| {
+            self.records[*i as usize].digest == digest
+        });
+        let Some(key) = found.and_then(|i| self.key(*i)) else {
             return KeyLookup::Unknown;
         };
-        let record = &self.records[*index as usize];
-        if !record.active {
-            KeyLookup::Inactive(record)
-        } else if record.expires.is_some_and(|e| now >= e) {
-            KeyLookup::Expired(record)
+        if !key.record.active {
+            KeyLookup::Inactive(key)
+        } else if key.record.expires != NO_TIME && now >= key.record.expires {
+            KeyLookup::Expired(key)
         } else {
-            KeyLookup::Valid(record)
+            KeyLookup::Valid(key)
         }
     }
 
     /// A key by its public id.
-    pub fn by_id(&self, id: &str) -> Option<&KeyRecord> {
-        self.by_id.get(id).map(|i| &self.records[*i as usize])
+    pub fn by_id(&self, id: &str) -> Option<Key<'_>> {
+        let hash = self.id_hasher.hash_one(id);
+        let found = self
+            .by_id
+            .find(hash, |i| self.text(self.records[*i as usize].id) == id)?;
+        self.key(*found)
     }
 
     /// A key by its position.
-    pub fn get(&self, index: u32) -> Option<&KeyRecord> {
-        self.records.get(index as usize)
+    pub fn get(&self, index: u32) -> Option<Key<'_>> {
+        self.key(index)
     }
 
     /// Every key in file order.
-    pub fn records(&self) -> &[KeyRecord] {
-        &self.records
+    pub fn records(&self) -> impl Iterator<Item = Key<'_>> {
+        (0..self.records.len() as u32).filter_map(|i| self.key(i))
     }
 
     /// Number of usable keys.
@@ -207,129 +295,351 @@ impl KeyStore {
     }
 }
 
-/// Compiles a keys file against a policy. `source` is the file's text, used only to place
-/// problems. Errors (bad hash, duplicate id or hash, bad date, bad grant syntax) reject the file;
-/// a key whose principal no longer exists is left out and a scope naming an unknown resource is
-/// dropped (narrowing the key further), each with a warning, so removing a principal from the
-/// policy revokes its keys instead of blocking the policy reload.
-pub fn compile(
-    file: &KeysFile,
-    policy: &Policy,
-    source: &str,
-    usage: &UsageTable,
-) -> Result<Compiled, Vec<Problem>> {
-    let ids: Vec<&str> = file.keys.iter().map(|k| k.id.as_str()).collect();
-    let mut cells = usage.cells_for(&ids).into_iter();
-    let mut errors = Vec::new();
-    let mut warnings = Vec::new();
-    let mut store = KeyStore::default();
-    store.by_hash.reserve(file.keys.len());
-    store.records.reserve(file.keys.len());
-    for (index, entry) in file.keys.iter().enumerate() {
-        let cell = cells.next().unwrap_or_default();
-        let at = |field: Option<&str>, message: String| {
-            let (line, column) = file::locate(source, index, field);
+/// A compiled store and the problems that did not stop it (keys disabled or narrowed).
+pub struct Compiled {
+    /// The store.
+    pub store: KeyStore,
+    /// Problems that made a key unusable or narrower, but not the file invalid.
+    pub warnings: Vec<Problem>,
+}
+
+/// Builds a store entry by entry, so a million-key file never has to sit in memory as text.
+///
+/// Errors (bad hash, duplicate id or hash, bad date, bad grant syntax) reject the file; a key
+/// whose principal no longer exists is left out and a scope naming an unknown resource is dropped
+/// (narrowing the key further), each with a warning, so removing a principal from the policy
+/// revokes its keys instead of blocking the policy reload.
+pub struct StoreBuilder<'a> {
+    policy: &'a Policy,
+    previous: Option<&'a KeyStore>,
+    store: KeyStore,
+    principal_slots: HashMap<*const Principal, u32>,
+    grant_set_slots: HashMap<(u32, Vec<String>), u32>,
+    errors: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl<'a> StoreBuilder<'a> {
+    /// A builder; `previous` (the live store) lets usage counts carry over by key id.
+    pub fn new(
+        policy: &'a Policy,
+        previous: Option<&'a KeyStore>,
+        usage: &Arc<UsageTable>,
+        capacity: usize,
+    ) -> Self {
+        StoreBuilder {
+            policy,
+            previous,
+            store: KeyStore::with_usage(usage.clone(), capacity),
+            principal_slots: HashMap::new(),
+            grant_set_slots: HashMap::new(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Adds one entry; `at` places a field for error messages.
+    pub fn add(&mut self, entry: KeyEntry, at: &dyn Fn(Option<&str>) -> (usize, usize)) {
+        let problem = |field: &str, message: String| {
+            let (line, column) = at(Some(field));
             Problem::at(line, column, message)
         };
         let Some(digest) = secret::parse_hash(&entry.hash) else {
-            errors.push(at(
-                Some("hash"),
-                format!(
-                    "key {:?}: hash must be \"sha256:\" followed by 64 hex digits",
-                    entry.id
-                ),
-            ));
-            continue;
+            let message = format!(
+                "key {:?}: hash must be \"sha256:\" followed by 64 hex digits",
+                entry.id
+            );
+            return self.errors.push(problem("hash", message));
         };
-        let expires = match entry.expires.as_deref().map(parse_time) {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
-                errors.push(at(
-                    Some("expires"),
-                    format!("key {:?}: expires: {e}", entry.id),
-                ));
-                continue;
+        let mut times = [NO_TIME; 2];
+        for (slot, (field, value)) in times
+            .iter_mut()
+            .zip([("expires", &entry.expires), ("created", &entry.created)])
+        {
+            match value.as_deref().map(parse_time) {
+                None => {}
+                Some(Ok(t)) => *slot = t,
+                Some(Err(e)) => {
+                    let message = format!("key {:?}: {field}: {e}", entry.id);
+                    return self.errors.push(problem(field, message));
+                }
             }
+        }
+        let Some(principal) = self.policy.principal(&entry.principal).cloned() else {
+            let message = format!(
+                "key {:?} belongs to unknown principal {:?}; it is disabled",
+                entry.id, entry.principal
+            );
+            return self.warnings.push(problem("principal", message));
         };
-        let created = match entry.created.as_deref().map(parse_time) {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
-                let message = format!("key {:?}: created: {e}", entry.id);
-                errors.push(at(Some("created"), message));
-                None
-            }
+        let principal_slot = self.principal_slot(&principal);
+        let Some(grants) = self.grant_set(&entry, principal_slot, &principal, &problem) else {
+            return;
         };
-        let Some(principal) = policy.principal(&entry.principal) else {
-            warnings.push(at(
-                Some("principal"),
-                format!(
-                    "key {:?} belongs to unknown principal {:?}; it is disabled",
-                    entry.id, entry.principal
-                ),
-            ));
-            continue;
-        };
-        let grants = match &entry.scopes {
+        self.insert(entry, digest, principal_slot, grants, times, &problem);
+    }
+
+    fn insert(
+        &mut self,
+        entry: KeyEntry,
+        digest: [u8; 32],
+        principal: u32,
+        grants: u32,
+        [expires, created]: [i64; 2],
+        problem: &dyn Fn(&str, String) -> Problem,
+    ) {
+        let store = &mut self.store;
+        let index = store.records.len() as u32;
+        let hash = digest_hash(&digest);
+        let records = &store.records;
+        if store
+            .by_hash
+            .find(hash, |i| records[*i as usize].digest == digest)
+            .is_some()
+        {
+            let message = format!("key {:?} has the same hash as another key", entry.id);
+            return self.errors.push(problem("hash", message));
+        }
+        let id_hash = store.id_hasher.hash_one(entry.id.as_str());
+        let duplicate = store
+            .by_id
+            .find(id_hash, |i| store.text(records[*i as usize].id) == entry.id)
+            .is_some();
+        if duplicate {
+            return self
+                .errors
+                .push(problem("id", format!("duplicate key id {:?}", entry.id)));
+        }
+        let slot = self
+            .previous
+            .and_then(|p| p.by_id(&entry.id))
+            .filter(|k| Arc::ptr_eq(&k.store.usage, &store.usage))
+            .map_or_else(|| store.usage.push(), |k| k.record.slot);
+        let id = push_text(&mut store.arena, &entry.id);
+        let prefix = push_text(&mut store.arena, &entry.prefix);
+        let purpose = entry
+            .purpose
+            .as_deref()
+            .map(|p| push_text(&mut store.arena, p));
+        store.records.push(Record {
+            digest,
+            id,
+            prefix,
+            purpose,
+            principal,
+            grants,
+            slot,
+            expires,
+            created,
+            active: entry.active,
+            scoped: entry.scopes.is_some(),
+        });
+        let records = &store.records;
+        store
+            .by_hash
+            .insert_unique(hash, index, |i| digest_hash(&records[*i as usize].digest));
+        let (arena, hasher) = (&store.arena, &store.id_hasher);
+        store.by_id.insert_unique(id_hash, index, |i| {
+            let s = records[*i as usize].id;
+            hasher.hash_one(&arena[s.start as usize..(s.start + s.len) as usize])
+        });
+    }
+
+    fn principal_slot(&mut self, principal: &Arc<Principal>) -> u32 {
+        let principals = &mut self.store.principals;
+        *self
+            .principal_slots
+            .entry(Arc::as_ptr(principal))
+            .or_insert_with(|| {
+                principals.push(principal.clone());
+                (principals.len() - 1) as u32
+            })
+    }
+
+    /// The shared grant set for this principal and these scopes.
+    fn grant_set(
+        &mut self,
+        entry: &KeyEntry,
+        principal_slot: u32,
+        principal: &Principal,
+        problem: &dyn Fn(&str, String) -> Problem,
+    ) -> Option<u32> {
+        let scopes = entry
+            .scopes
+            .clone()
+            .unwrap_or_else(|| vec!["\u{0}all".into()]);
+        if let Some(slot) = self.grant_set_slots.get(&(principal_slot, scopes.clone())) {
+            return Some(*slot);
+        }
+        let grants: Arc<[Grant]> = match &entry.scopes {
             None => principal.grants.clone(),
-            Some(scopes) => {
-                let mut compiled = Vec::with_capacity(scopes.len());
-                for scope in scopes {
-                    match policy.compile_grant(scope) {
+            Some(list) => {
+                let mut compiled = Vec::with_capacity(list.len());
+                for scope in list {
+                    match self.policy.compile_grant(scope) {
                         Ok(g) => compiled.push(g),
-                        Err(e) if e.contains("unknown resource") => warnings.push(at(
-                            Some("scopes"),
-                            format!("key {:?}: {e}; scope dropped", entry.id),
-                        )),
+                        Err(e) if e.contains("unknown resource") => {
+                            let message = format!("key {:?}: {e}; scope dropped", entry.id);
+                            self.warnings.push(problem("scopes", message));
+                        }
                         Err(e) => {
-                            errors.push(at(Some("scopes"), format!("key {:?}: {e}", entry.id)))
+                            let message = format!("key {:?}: {e}", entry.id);
+                            self.errors.push(problem("scopes", message));
+                            return None;
                         }
                     }
                 }
                 grant::intersect_sets(&principal.grants, &compiled).into()
             }
         };
-        let record_index = store.records.len() as u32;
-        if store
-            .by_id
-            .insert(entry.id.as_str().into(), record_index)
-            .is_some()
-        {
-            errors.push(at(Some("id"), format!("duplicate key id {:?}", entry.id)));
-            continue;
-        }
-        if store
-            .by_hash
-            .insert(KeyDigest(digest), record_index)
-            .is_some()
-        {
-            errors.push(at(
-                Some("hash"),
-                format!("key {:?} has the same hash as another key", entry.id),
-            ));
-            continue;
-        }
-        store.records.push(KeyRecord {
-            id: entry.id.as_str().into(),
-            prefix: entry.prefix.as_str().into(),
-            principal: principal.clone(),
-            grants,
-            scoped: entry.scopes.is_some(),
-            active: entry.active,
-            expires,
-            created,
-            purpose: entry.purpose.as_deref().map(Into::into),
-            usage: cell,
-            index: record_index,
-        });
+        let slot = self.store.grant_sets.len() as u32;
+        self.store.grant_sets.push(grants);
+        self.grant_set_slots.insert((principal_slot, scopes), slot);
+        Some(slot)
     }
-    if errors.is_empty() {
-        Ok(Compiled { store, warnings })
-    } else {
-        errors.extend(warnings);
-        errors.sort_by_key(|p| (p.line, p.column));
-        Err(errors)
+
+    /// The store, or every error found.
+    pub fn finish(mut self) -> Result<Compiled, Vec<Problem>> {
+        if self.errors.is_empty() {
+            self.store.records.shrink_to_fit();
+            self.store.arena.shrink_to_fit();
+            Ok(Compiled {
+                store: self.store,
+                warnings: self.warnings,
+            })
+        } else {
+            self.errors.extend(self.warnings);
+            self.errors.sort_by_key(|p| (p.line, p.column));
+            Err(self.errors)
+        }
+    }
+}
+
+fn push_text(arena: &mut String, text: &str) -> Span {
+    let start = arena.len() as u32;
+    arena.push_str(text);
+    Span {
+        start,
+        len: text.len() as u32,
+    }
+}
+
+/// Compiles keys-file text against a policy.
+pub fn compile(
+    text: &str,
+    policy: &Policy,
+    previous: Option<&KeyStore>,
+    usage: &Arc<UsageTable>,
+) -> Result<Compiled, Vec<Problem>> {
+    let mut builder = StoreBuilder::new(policy, previous, usage, text.len() / 200);
+    let fast = reader::read_entries(text.as_bytes(), &mut |entry, lines| {
+        builder.add(entry, &|field| lines.of(field));
+    });
+    match fast {
+        Ok(_) => builder.finish(),
+        Err(ReadError::Version(message)) => Err(vec![Problem::at(1, 1, message)]),
+        Err(ReadError::Io(e)) => Err(vec![Problem::at(0, 0, e.to_string())]),
+        Err(ReadError::Unsupported { .. }) => compile_general(text, policy, previous, usage),
+    }
+}
+
+/// The general path: serde_yaml for files outside the fast reader's subset.
+fn compile_general(
+    text: &str,
+    policy: &Policy,
+    previous: Option<&KeyStore>,
+    usage: &Arc<UsageTable>,
+) -> Result<Compiled, Vec<Problem>> {
+    let file = file::parse_general(text).map_err(|p| vec![p])?;
+    let mut builder = StoreBuilder::new(policy, previous, usage, file.keys.len());
+    for (index, entry) in file.keys.into_iter().enumerate() {
+        builder.add(entry, &|field| file::locate(text, index, field));
+    }
+    builder.finish()
+}
+
+/// A keys file compiled straight from disk, with the SHA-256 of its bytes.
+pub struct CompiledFile {
+    /// The store and its warnings.
+    pub compiled: Compiled,
+    /// SHA-256 of the file's content, to tell later whether it changed.
+    pub digest: [u8; 32],
+}
+
+/// Compiles a keys file while reading it, never holding its text in memory (a million keys are
+/// ~180 MB of YAML). Falls back to reading it whole for files outside the fast reader's subset.
+pub fn compile_path(
+    path: &Path,
+    policy: &Policy,
+    previous: Option<&KeyStore>,
+    usage: &Arc<UsageTable>,
+) -> Result<CompiledFile, Vec<Problem>> {
+    let open = || std::fs::File::open(path).map_err(|e| vec![read_problem(&e)]);
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut hashing = HashingReader {
+        inner: std::io::BufReader::with_capacity(256 * 1024, open()?),
+        hasher: Sha256::new(),
+    };
+    let mut builder = StoreBuilder::new(policy, previous, usage, (size / 200) as usize);
+    let fast = reader::read_entries(&mut hashing, &mut |entry, lines: EntryLines| {
+        builder.add(entry, &|field| lines.of(field));
+    });
+    match fast {
+        Ok(_) => {
+            let digest = hashing.hasher.finalize().into();
+            builder
+                .finish()
+                .map(|compiled| CompiledFile { compiled, digest })
+        }
+        Err(ReadError::Version(message)) => Err(vec![Problem::at(1, 1, message)]),
+        Err(ReadError::Io(e)) => Err(vec![read_problem(&e)]),
+        Err(ReadError::Unsupported { .. }) => {
+            drop(builder);
+            let mut text = String::new();
+            open()?
+                .read_to_string(&mut text)
+                .map_err(|e| vec![read_problem(&e)])?;
+            let digest = Sha256::digest(text.as_bytes()).into();
+            compile(&text, policy, previous, usage)
+                .map(|compiled| CompiledFile { compiled, digest })
+        }
+    }
+}
+
+fn read_problem(e: &std::io::Error) -> Problem {
+    let hint = match e.kind() {
+        std::io::ErrorKind::NotFound => " (deleted? keeping the last good state)",
+        _ if e.raw_os_error() == Some(40) => " (symlink loop)",
+        _ => "",
+    };
+    Problem::at(0, 0, format!("cannot read keys file: {e}{hint}"))
+}
+
+/// Hashes what passes through, so a file is read once for both parsing and change detection.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: BufRead> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for HashingReader<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amt: usize) {
+        if let Ok(buf) = self.inner.fill_buf() {
+            let n = amt.min(buf.len());
+            self.hasher.update(&buf[..n]);
+        }
+        self.inner.consume(amt);
     }
 }
 
@@ -370,18 +680,17 @@ mod tests {
             ("a", "pcs_full", "alice", None),
             ("b", "pcs_read", "alice", Some("'*:read'")),
         ]);
-        let file = file::parse(&text).unwrap();
-        let compiled = compile(&file, &policy, &text, &UsageTable::default()).unwrap();
+        let compiled = compile(&text, &policy, None, &Arc::default()).unwrap();
         let ds = policy.resource_id("datasets").unwrap();
         let KeyLookup::Valid(full) = compiled.store.lookup("pcs_full", 0) else {
             panic!()
         };
-        assert!(grant::any_allows(&full.grants, ds, Some("x"), Access::Write).is_some());
+        assert!(grant::any_allows(full.grants(), ds, Some("x"), Access::Write).is_some());
         let KeyLookup::Valid(read) = compiled.store.lookup("pcs_read", 0) else {
             panic!()
         };
-        assert!(grant::any_allows(&read.grants, ds, Some("x"), Access::Read).is_some());
-        assert!(grant::any_allows(&read.grants, ds, Some("x"), Access::Write).is_none());
+        assert!(grant::any_allows(read.grants(), ds, Some("x"), Access::Read).is_some());
+        assert!(grant::any_allows(read.grants(), ds, Some("x"), Access::Write).is_none());
         assert!(matches!(
             compiled.store.lookup("pcs_nope", 0),
             KeyLookup::Unknown
@@ -392,27 +701,20 @@ mod tests {
     fn scopes_never_exceed_the_principal() {
         let policy = crate::policy::compile(POLICY).unwrap();
         let text = keys_text(&[("a", "pcs_wide", "alice", Some("'*:*'"))]);
-        let file = file::parse(&text).unwrap();
-        let compiled = compile(&file, &policy, &text, &UsageTable::default()).unwrap();
+        let compiled = compile(&text, &policy, None, &Arc::default()).unwrap();
         let ds = policy.resource_id("datasets").unwrap();
         let KeyLookup::Valid(k) = compiled.store.lookup("pcs_wide", 0) else {
             panic!()
         };
-        assert!(grant::any_allows(&k.grants, ds, None, Access::Manage).is_none());
-        assert!(grant::any_allows(&k.grants, ds, None, Access::Write).is_some());
+        assert!(grant::any_allows(k.grants(), ds, None, Access::Manage).is_none());
+        assert!(grant::any_allows(k.grants(), ds, None, Access::Write).is_some());
     }
 
     #[test]
     fn orphans_are_disabled_and_errors_are_located() {
         let policy = crate::policy::compile(POLICY).unwrap();
         let text = keys_text(&[("a", "pcs_x", "ghost", None)]);
-        let compiled = compile(
-            &file::parse(&text).unwrap(),
-            &policy,
-            &text,
-            &UsageTable::default(),
-        )
-        .unwrap();
+        let compiled = compile(&text, &policy, None, &Arc::default()).unwrap();
         assert!(compiled.store.is_empty());
         assert_eq!(compiled.warnings.len(), 1);
         let text = keys_text(&[
@@ -421,14 +723,9 @@ mod tests {
             ("a", "pcs_z", "alice", None),
         ])
         .replacen("sha256:", "sha256:zz", 1);
-        let errors = compile(
-            &file::parse(&text).unwrap(),
-            &policy,
-            &text,
-            &UsageTable::default(),
-        )
-        .err()
-        .unwrap();
+        let errors = compile(&text, &policy, None, &Arc::default())
+            .err()
+            .unwrap();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].line, 5);
     }
@@ -443,13 +740,7 @@ mod tests {
             1,
         );
         text.push_str("    expires: 2020-01-01T00:00:00Z\n");
-        let compiled = compile(
-            &file::parse(&text).unwrap(),
-            &policy,
-            &text,
-            &UsageTable::default(),
-        )
-        .unwrap();
+        let compiled = compile(&text, &policy, None, &Arc::default()).unwrap();
         assert!(matches!(
             compiled.store.lookup("pcs_x", 0),
             KeyLookup::Inactive(_)
@@ -462,5 +753,38 @@ mod tests {
             compiled.store.lookup("pcs_y", 1_600_000_000),
             KeyLookup::Expired(_)
         ));
+    }
+
+    #[test]
+    fn usage_survives_a_recompile_by_key_id() {
+        let policy = crate::policy::compile(POLICY).unwrap();
+        let usage = Arc::default();
+        let text = keys_text(&[("a", "pcs_x", "alice", None)]);
+        let first = compile(&text, &policy, None, &usage).unwrap().store;
+        let KeyLookup::Valid(k) = first.lookup("pcs_x", 10) else {
+            panic!()
+        };
+        k.usage().record(10);
+        let more = keys_text(&[("b", "pcs_y", "alice", None), ("a", "pcs_x", "alice", None)]);
+        let second = compile(&more, &policy, Some(&first), &usage).unwrap().store;
+        assert_eq!(second.by_id("a").unwrap().usage().calls(), 1);
+        assert_eq!(second.by_id("b").unwrap().usage().calls(), 0);
+        assert_eq!(second.by_id("a").unwrap().index(), 1);
+    }
+
+    #[test]
+    fn a_file_outside_the_fast_subset_still_loads_and_errors_are_placed() {
+        let policy = crate::policy::compile(POLICY).unwrap();
+        let hash = secret::hash_text("pcs_flow");
+        let text = format!(
+            "version: 1\nkeys:\n  - {{id: f, prefix: p, hash: \"{hash}\", principal: alice}}\n"
+        );
+        let store = compile(&text, &policy, None, &Arc::default())
+            .unwrap()
+            .store;
+        assert!(matches!(store.lookup("pcs_flow", 0), KeyLookup::Valid(_)));
+        let typo = "version: 1\nkeys:\n  - id: a\n    prefix: p\n    hash: h\n    principal: alice\n    activ: false\n";
+        let errors = compile(typo, &policy, None, &Arc::default()).err().unwrap();
+        assert_eq!(errors[0].line, 7, "{errors:?}");
     }
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::deny::Refusal;
 use super::headers;
 use super::ProxyBody;
-use crate::keys::KeyRecord;
+use crate::keys::Key;
 
 /// The pooled keep-alive client to the backend.
 pub struct Upstream {
@@ -30,7 +30,7 @@ pub struct ForwardContext<'a> {
     /// The normalised path, which is what the backend receives.
     pub path: &'a str,
     /// The identified key, if any.
-    pub key: Option<&'a KeyRecord>,
+    pub key: Option<Key<'a>>,
     /// The peer address of the client connection.
     pub client: SocketAddr,
     /// `http` or `https` as seen by the client.

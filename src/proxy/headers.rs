@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::keys::credential::{self, X_API_KEY};
-use crate::keys::KeyRecord;
+use crate::keys::Key;
 
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,15 +84,15 @@ pub fn strip_client_identity(headers: &mut HeaderMap) {
 }
 
 /// Sets the identity headers for a key the proxy identified.
-pub fn set_identity(headers: &mut HeaderMap, key: &KeyRecord) {
+pub fn set_identity(headers: &mut HeaderMap, key: Key<'_>) {
     let put = |headers: &mut HeaderMap, name: &HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name.clone(), v);
         }
     };
-    put(headers, &X_PRINCIPAL, &key.principal.name);
-    put(headers, &X_PRINCIPAL_KIND, key.principal.kind.as_str());
-    put(headers, &X_KEY_ID, &key.id);
+    put(headers, &X_PRINCIPAL, &key.principal().name);
+    put(headers, &X_PRINCIPAL_KIND, key.principal().kind.as_str());
+    put(headers, &X_KEY_ID, key.id());
 }
 
 /// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` (and

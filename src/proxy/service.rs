@@ -159,7 +159,7 @@ impl Service {
             Err(e) => Err(*e),
         };
         if let Some(api) = self.key_api.as_ref().filter(|api| api.owns(&normalised)) {
-            let caller = decision::identify(&snapshot, credential_ref, now).map(|k| k.index);
+            let caller = decision::identify(&snapshot, credential_ref, now).map(|k| k.index());
             drop(credential);
             let api = api.clone();
             let deny_status = self.deny_status;
@@ -185,14 +185,14 @@ impl Service {
         );
         outcome.reason = Some(decision.reason);
         outcome.route = decision.route.map(|r| r.index);
-        outcome.key = decision.key.map(|k| k.index);
+        outcome.key = decision.key.map(|k| k.index());
         outcome.access = decision.access;
         outcome.instance = decision.instance.map(|i| {
             let start = i.as_ptr() as usize - normalised.as_ptr() as usize;
             (start, start + i.len())
         });
         if let Some(key) = decision.key {
-            key.usage.record(now);
+            key.usage().record(now);
         }
         if !decision.reason.allows() {
             let resource = match decision.route.map(|r| &r.rule) {
@@ -283,10 +283,10 @@ impl Service {
             .observe(elapsed.saturating_sub(upstream).as_secs_f64());
         let key = snapshot.and_then(|s| outcome.key.and_then(|i| s.keys.get(i)));
         if let (Some(per_key), Some(key)) = (&self.metrics.per_key, key) {
-            per_key.requests.with_label_values(&[&key.id]).inc();
+            per_key.requests.with_label_values(&[&key.id()]).inc();
             per_key
                 .last_used
-                .with_label_values(&[&key.id])
+                .with_label_values(&[&key.id()])
                 .set(unix_now() as f64);
         }
         if self.audit.is_enabled() {
@@ -304,7 +304,7 @@ impl Service {
                 decision,
                 reason,
                 status = status.as_u16(),
-                key_id = key.map_or("", |k| &*k.id),
+                key_id = key.map_or("", |k| k.id()),
                 duration_us = elapsed.as_micros() as u64,
             );
         }
@@ -330,7 +330,7 @@ fn decision_event(
     request_id: &HeaderValue,
     route: Option<&crate::policy::Route>,
     resource: &str,
-    key: Option<&crate::keys::KeyRecord>,
+    key: Option<crate::keys::Key<'_>>,
 ) -> DecisionEvent {
     DecisionEvent {
         request_id: request_id.to_str().unwrap_or("").to_string(),
@@ -348,10 +348,10 @@ fn decision_event(
             .and_then(|(a, b)| outcome.path.get(a..b))
             .map(str::to_string),
         access: outcome.access.map(Access::as_str),
-        key_id: key.map(|k| k.id.to_string()),
-        key_prefix: key.map(|k| k.prefix.to_string()),
-        principal: key.map(|k| k.principal.name.to_string()),
-        principal_kind: key.map(|k| k.principal.kind.as_str()),
+        key_id: key.map(|k| k.id().to_string()),
+        key_prefix: key.map(|k| k.prefix().to_string()),
+        principal: key.map(|k| k.principal().name.to_string()),
+        principal_kind: key.map(|k| k.principal().kind.as_str()),
         client_ip: outcome.client.map_or(String::new(), |c| c.ip().to_string()),
         user_agent: outcome.user_agent.clone(),
         upstream_status: outcome.upstream_status,
@@ -382,7 +382,7 @@ async fn key_api_request(
         }
     };
     if let Some(key) = snapshot.keys.get(caller) {
-        key.usage.record(now);
+        key.usage().record(now);
     }
     outcome.key = Some(caller);
     outcome.snapshot = Some(snapshot.clone());

@@ -50,7 +50,9 @@ pub fn normalise(raw: &str) -> Result<String, PathNotNormalisable> {
 fn is_already_normal(raw: &str) -> bool {
     !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | 0))
         && !raw.contains("//")
-        && raw.split('/').all(|segment| segment != "." && segment != "..")
+        && raw
+            .split('/')
+            .all(|segment| segment != "." && segment != "..")
 }
 
 /// Decodes escapes of unreserved characters, upper-cases the hex of the others, and refuses

@@ -27,13 +27,7 @@ pub fn run(files: &FileArgs) -> Result<(), CommandError> {
         Err(problems) => reports.push(FileProblems::new(&policy_path, problems.clone())),
     }
     if let (Some(keys_path), Ok(policy)) = (&keys_path, &compiled) {
-        let keys_text = std::fs::read_to_string(keys_path).map_err(|e| {
-            CommandError::Usage(format!(
-                "{}: cannot read keys file: {e}",
-                keys_path.display()
-            ))
-        })?;
-        match keys::compile(&keys_text, policy, None, &Default::default()) {
+        match keys::compile_path(keys_path, policy, None, &Default::default()).map(|f| f.compiled) {
             Err(problems) => reports.push(FileProblems::new(keys_path, problems)),
             Ok(c) if !c.warnings.is_empty() => {
                 reports.push(FileProblems::new(keys_path, c.warnings))

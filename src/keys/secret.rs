@@ -63,10 +63,36 @@ pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
     if hex_part.len() != 64 {
         return None;
     }
+    let bytes = hex_part.as_bytes();
     let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
     Some(out)
 }
+
+/// One hex digit by table lookup: a million keys are decoded at every load.
+#[inline]
+fn nibble(c: u8) -> Option<u8> {
+    let v = HEX_VALUES[usize::from(c)];
+    (v != 0xff).then_some(v)
+}
+
+const HEX_VALUES: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 /// The prefix as shown to people: `pcs_k7Hq2m***`.
 pub fn masked(prefix: &str) -> String {

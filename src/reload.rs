@@ -72,6 +72,7 @@ pub fn compile_files(
         policy_path,
         &policy_text,
         keys_path,
+        KeysSource::File,
         None,
         usage,
         generation,
@@ -87,19 +88,35 @@ struct Loaded {
     keys_digest: [u8; 32],
 }
 
-/// Compiles the policy text and streams the keys file against it.
+/// Where the keys come from: the file on disk (streamed), or text just written by the key API.
+#[derive(Clone, Copy)]
+enum KeysSource<'a> {
+    File,
+    Text(&'a str),
+}
+
+/// Compiles the policy text, then the keys against it.
 fn compile_from(
     policy_path: &Path,
     policy_text: &str,
     keys_path: &Path,
+    source: KeysSource<'_>,
     previous: Option<&KeyStore>,
     usage: &Arc<UsageTable>,
     generation: u64,
 ) -> Result<Loaded, (ReloadFile, FileProblems)> {
     let policy = policy::compile(policy_text)
         .map_err(|p| (ReloadFile::Policy, FileProblems::new(policy_path, p)))?;
-    let keys = keys::compile_path(keys_path, &policy, previous, usage)
-        .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
+    let keys = match source {
+        KeysSource::File => keys::compile_path(keys_path, &policy, previous, usage),
+        KeysSource::Text(text) => {
+            keys::compile(text, &policy, previous, usage).map(|compiled| keys::CompiledFile {
+                compiled,
+                digest: digest(text.as_bytes()),
+            })
+        }
+    }
+    .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
     finish(
         policy_text,
         policy,
@@ -108,24 +125,6 @@ fn compile_from(
         keys_path,
         generation,
     )
-}
-
-/// Compiles the policy text and keys text (the key API's freshly written file).
-fn compile_text(
-    policy_path: &Path,
-    policy_text: &str,
-    keys_path: &Path,
-    keys_text: &str,
-    previous: Option<&KeyStore>,
-    usage: &Arc<UsageTable>,
-    generation: u64,
-) -> Result<Loaded, (ReloadFile, FileProblems)> {
-    let policy = policy::compile(policy_text)
-        .map_err(|p| (ReloadFile::Policy, FileProblems::new(policy_path, p)))?;
-    let compiled = keys::compile(keys_text, &policy, previous, usage)
-        .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
-    let digest = digest(keys_text.as_bytes());
-    finish(policy_text, policy, compiled, digest, keys_path, generation)
 }
 
 fn finish(
@@ -221,8 +220,16 @@ impl Loader {
         let usage = Arc::<UsageTable>::default();
         let keys_fingerprint = fingerprint(&keys_path);
         let policy_text = read(&policy_path, "policy")?;
-        let loaded = compile_from(&policy_path, &policy_text, &keys_path, None, &usage, 1)
-            .map_err(|(_, p)| p)?;
+        let loaded = compile_from(
+            &policy_path,
+            &policy_text,
+            &keys_path,
+            KeysSource::File,
+            None,
+            &usage,
+            1,
+        )
+        .map_err(|(_, p)| p)?;
         log_warnings(&loaded.warnings);
         let tls_digest = tls.as_ref().map_or([0; 32], tls_digest);
         let loader = Loader {
@@ -298,6 +305,7 @@ impl Loader {
             &self.policy_path,
             &policy_text,
             &self.keys_path,
+            KeysSource::File,
             Some(&current.keys),
             &self.usage,
             next,
@@ -344,11 +352,11 @@ impl Loader {
         let policy_text = read(&self.policy_path, "policy").map_err(|p| p.to_string())?;
         let next = self.generation.load(Ordering::SeqCst) + 1;
         let current = self.state.load_full();
-        let loaded = compile_text(
+        let loaded = compile_from(
             &self.policy_path,
             &policy_text,
             &self.keys_path,
-            keys_text,
+            KeysSource::Text(keys_text),
             Some(&current.keys),
             &self.usage,
             next,

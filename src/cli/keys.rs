@@ -107,17 +107,14 @@ pub fn create(
             .map_err(|e| CommandError::Usage(e.to_string()))?;
     }
     let new = secret::generate();
-    let entry = KeyEntry {
-        id: new.id.clone(),
-        prefix: new.prefix.clone(),
-        hash: new.hash.clone(),
-        principal: principal.to_string(),
-        scopes: (!scopes.is_empty()).then(|| scopes.to_vec()),
+    let entry = KeyEntry::for_new_key(
+        &new,
+        principal,
+        (!scopes.is_empty()).then(|| scopes.to_vec()),
         purpose,
-        active: true,
-        created: Some(format_time(now).map_err(CommandError::Usage)?),
+        format_time(now).map_err(CommandError::Usage)?,
         expires,
-    };
+    );
     file::update(keys, |f| {
         anyhow::ensure!(
             !f.keys.iter().any(|k| k.id == entry.id),
@@ -192,18 +189,7 @@ pub fn rotate(
             .iter_mut()
             .find(|k| k.id == id)
             .ok_or_else(|| anyhow::anyhow!("no key with id {id:?}"))?;
-        let successor = KeyEntry {
-            id: new.id.clone(),
-            prefix: new.prefix.clone(),
-            hash: new.hash.clone(),
-            principal: old.principal.clone(),
-            scopes: old.scopes.clone(),
-            purpose: old.purpose.clone(),
-            active: true,
-            created: Some(created),
-            expires: old.expires.clone(),
-        };
-        old.expires = Some(old_expiry);
+        let successor = old.rotate_to(&new, created, old_expiry);
         let principal = successor.principal.clone();
         f.keys.push(successor);
         Ok((new.id.clone(), principal))

@@ -322,17 +322,14 @@ impl KeyApi {
                     anyhow::bail!("refused");
                 }
             };
-            let entry = KeyEntry {
-                id: new.id.clone(),
-                prefix: new.prefix.clone(),
-                hash: new.hash.clone(),
-                principal: target.to_string(),
+            let entry = KeyEntry::for_new_key(
+                &new,
+                target,
                 scopes,
-                purpose: purpose.clone(),
-                active: true,
-                created: Some(created.clone()),
-                expires: expires.clone(),
-            };
+                purpose.clone(),
+                created.clone(),
+                expires.clone(),
+            );
             f.keys.push(entry.clone());
             outcome = Ok(entry);
             Ok(())
@@ -518,19 +515,7 @@ impl KeyApi {
                 if let Some(old) = snapshot.keys.by_id(id) {
                     authz::within_caller(&snapshot.policy, caller, old.grants())?;
                 }
-                let old = &mut f.keys[i];
-                let entry = KeyEntry {
-                    id: new.id.clone(),
-                    prefix: new.prefix.clone(),
-                    hash: new.hash.clone(),
-                    principal: old.principal.clone(),
-                    scopes: old.scopes.clone(),
-                    purpose: old.purpose.clone(),
-                    active: true,
-                    created: Some(created.clone()),
-                    expires: old.expires.clone(),
-                };
-                old.expires = Some(old_expiry.clone());
+                let entry = f.keys[i].rotate_to(&new, created.clone(), old_expiry.clone());
                 f.keys.push(entry.clone());
                 successor = Some(entry);
                 Ok(())

@@ -51,6 +51,50 @@ pub struct KeyEntry {
     pub expires: Option<String>,
 }
 
+impl KeyEntry {
+    /// The entry for a freshly made key.
+    pub fn for_new_key(
+        new: &super::secret::NewKey,
+        principal: &str,
+        scopes: Option<Vec<String>>,
+        purpose: Option<String>,
+        created: String,
+        expires: Option<String>,
+    ) -> KeyEntry {
+        KeyEntry {
+            id: new.id.clone(),
+            prefix: new.prefix.clone(),
+            hash: new.hash.clone(),
+            principal: principal.to_string(),
+            scopes,
+            purpose,
+            active: true,
+            created: Some(created),
+            expires,
+        }
+    }
+
+    /// Rotation: this entry's successor for `new` (same owner, scopes, purpose and expiry),
+    /// while this entry now expires at `old_expiry`.
+    pub fn rotate_to(
+        &mut self,
+        new: &super::secret::NewKey,
+        created: String,
+        old_expiry: String,
+    ) -> KeyEntry {
+        let successor = KeyEntry::for_new_key(
+            new,
+            &self.principal,
+            self.scopes.clone(),
+            self.purpose.clone(),
+            created,
+            self.expires.clone(),
+        );
+        self.expires = Some(old_expiry);
+        successor
+    }
+}
+
 fn default_active() -> bool {
     true
 }

@@ -1,2 +1,226 @@
-//! Placeholder replaced by the benchmark suite.
-fn main() {}
+//! Micro-benchmarks of the pure pieces on the request path and of loading the state.
+//!
+//! Every input (policies, keys files, compiled snapshots, paths) is built before the timed
+//! closure; the closures only call the function under test. Run with `cargo bench --bench
+//! hot_path`; results and targets are in `benches/README.md`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode};
+use http::Method;
+use portcullis::keys::{self, secret, KeyLookup, UsageTable};
+use portcullis::state::Snapshot;
+use portcullis::{decision, path, policy};
+
+mod workload;
+
+/// Keys in the large store, as in the target.
+const MANY_KEYS: usize = 1_000_000;
+/// Unix time at which every benchmark key is valid.
+const NOW: i64 = 1_800_000_000;
+
+fn normalisation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("path_normalise");
+    let cases = [
+        ("plain", "/v1/orgs/acme/datasets/ds_42/versions/7"),
+        ("dot_segments", "/v1/orgs/acme/./datasets/../datasets/ds_42/"),
+        ("double_slashes", "//v1//orgs///acme/datasets//ds_42"),
+        ("escapes", "/v1/orgs/ac%6De/datasets/ds%5F42/files/a%20b%2Ec%C3%A9"),
+        (
+            "long",
+            "/v1/orgs/acme/datasets/ds_42/files/2026/01/01/raw/events/part-00000-1f2e3d4c.snappy.parquet",
+        ),
+    ];
+    for (name, raw) in cases {
+        group.bench_with_input(BenchmarkId::from_parameter(name), raw, |b, raw| {
+            b.iter(|| path::normalise(black_box(raw)))
+        });
+    }
+    group.finish();
+}
+
+fn route_matching(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route_match");
+    for routes in [10, 1_000, 10_000] {
+        let policy = compile_policy(routes);
+        // A resource in the middle of the file, so the radix tree has neighbours on both sides.
+        let res = workload::resource(routes / workload::ROUTES_PER_RESOURCE / 2);
+        let cases = [
+            ("static", Method::GET, format!("/v1/orgs/acme/{res}")),
+            (
+                "params",
+                Method::GET,
+                format!("/v1/orgs/acme/{res}/ds_42/versions/7"),
+            ),
+            (
+                "catch_all",
+                Method::GET,
+                format!("/v1/orgs/acme/{res}/ds_42/files/2026/01/report.csv"),
+            ),
+            (
+                "head_as_get",
+                Method::HEAD,
+                format!("/v1/orgs/acme/{res}/ds_42"),
+            ),
+            (
+                "miss",
+                Method::GET,
+                format!("/v1/orgs/acme/{res}/ds_42/nope"),
+            ),
+        ];
+        for (name, method, path) in &cases {
+            let expect_hit = *name != "miss";
+            assert_eq!(policy.lookup(method, path).is_some(), expect_hit, "{path}");
+            let id = BenchmarkId::new(*name, routes);
+            group.bench_with_input(id, &(method, path.as_str()), |b, (method, path)| {
+                b.iter(|| policy.lookup(black_box(method), black_box(path)).is_some())
+            });
+        }
+    }
+    group.finish();
+}
+
+fn key_lookup(c: &mut Criterion) {
+    let snapshot = snapshot(100, MANY_KEYS);
+    let known = workload::bench_key(MANY_KEYS / 2);
+    let unknown = workload::bench_key(MANY_KEYS + 1);
+    assert!(matches!(
+        snapshot.keys.lookup(&known, NOW),
+        KeyLookup::Valid(_)
+    ));
+    let mut group = c.benchmark_group("key_lookup_1M");
+    group.bench_function("known", |b| {
+        b.iter(|| {
+            matches!(
+                snapshot.keys.lookup(black_box(&known), NOW),
+                KeyLookup::Valid(_)
+            )
+        })
+    });
+    group.bench_function("unknown", |b| {
+        b.iter(|| {
+            matches!(
+                snapshot.keys.lookup(black_box(&unknown), NOW),
+                KeyLookup::Unknown
+            )
+        })
+    });
+    group.finish();
+    let mut group = c.benchmark_group("key_secret");
+    group.bench_function("hash_text", |b| {
+        b.iter(|| secret::hash_text(black_box(&known)))
+    });
+    group.bench_function("generate", |b| b.iter(secret::generate));
+    group.finish();
+}
+
+fn whole_decision(c: &mut Criterion) {
+    let snapshot = snapshot(1_000, 10_000);
+    // Key 0 belongs to `reader` (viewer role: read on everything, nothing else).
+    let reader = workload::bench_key(0);
+    assert_eq!(workload::bench_principal(0), "reader");
+    let stranger = workload::bench_key(10_000_000);
+    let res = workload::resource(50);
+    let item = format!("/v1/orgs/acme/{res}/ds_42");
+    let raw = format!("/v1/orgs/acme/{res}/./ds_42");
+    let cases = [
+        ("allow", Method::GET, &reader, decision::Reason::Granted),
+        (
+            "deny_403",
+            Method::PUT,
+            &reader,
+            decision::Reason::Forbidden,
+        ),
+        (
+            "deny_401",
+            Method::GET,
+            &stranger,
+            decision::Reason::UnknownKey,
+        ),
+    ];
+    let mut group = c.benchmark_group("decide");
+    for (name, method, key, reason) in &cases {
+        let got = decision::decide(&snapshot, method, &item, Ok(Some(key)), NOW).reason;
+        assert_eq!(got, *reason, "{name}");
+        group.bench_function(*name, |b| {
+            b.iter(|| {
+                let d = decision::decide(
+                    &snapshot,
+                    black_box(method),
+                    black_box(&item),
+                    Ok(Some(black_box(key.as_str()))),
+                    NOW,
+                );
+                d.reason
+            })
+        });
+    }
+    // What the proxy does per request before the decision: normalise, then decide.
+    group.bench_function("normalise_and_allow", |b| {
+        b.iter(|| {
+            let normalised = path::normalise(black_box(&raw)).unwrap_or_default();
+            decision::decide(&snapshot, &Method::GET, &normalised, Ok(Some(&reader)), NOW).reason
+        })
+    });
+    group.finish();
+}
+
+fn loading(c: &mut Criterion) {
+    let policy_text = workload::policy_yaml(10_000);
+    let mut group = c.benchmark_group("load");
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(5));
+    group.bench_function("policy_compile_10k_routes", |b| {
+        b.iter(|| policy::compile(black_box(&policy_text)).is_ok())
+    });
+
+    let policy = compile_policy(100);
+    let keys_text = workload::keys_yaml(MANY_KEYS);
+    group.measurement_time(Duration::from_secs(40));
+    group.bench_function("keys_parse_compile_1M", |b| {
+        // A first load: no previous store, empty usage table. The store and table are returned,
+        // so their (large) drop happens outside the timing.
+        b.iter_batched(
+            || Arc::new(UsageTable::default()),
+            |usage| {
+                let store = keys::compile(black_box(&keys_text), &policy, None, &usage).ok();
+                (store, usage)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn compile_policy(routes: usize) -> policy::Policy {
+    match policy::compile(&workload::policy_yaml(routes)) {
+        Ok(p) => p,
+        Err(problems) => panic!("generated policy does not compile: {problems:?}"),
+    }
+}
+
+fn snapshot(routes: usize, keys: usize) -> Snapshot {
+    let policy_text = workload::policy_yaml(routes);
+    let keys_text = workload::keys_yaml(keys);
+    match Snapshot::compile(
+        &policy_text,
+        &keys_text,
+        1,
+        &Arc::new(UsageTable::default()),
+    ) {
+        Ok((snapshot, _warnings)) => snapshot,
+        Err(problems) => panic!("generated state does not compile: {problems:?}"),
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = normalisation, route_matching, key_lookup, whole_decision, loading
+}
+criterion_main!(benches);

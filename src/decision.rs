@@ -112,7 +112,9 @@ pub fn decide<'s, 'p>(
 where
     's: 'p,
 {
-    let hit = snapshot.policy.lookup(method, path);
+    let hit = snapshot
+        .policy
+        .lookup(method, crate::path::match_form(path));
     let (route, instance) = match &hit {
         Some(h) => (Some(h.route), h.instance),
         None => (None, None),

@@ -24,6 +24,18 @@ pub enum PathNotNormalisable {
     /// Longer than [`MAX_PATH_LEN`].
     #[error("path too long")]
     TooLong,
+    /// `..;x` or `.;x`: some servers (Tomcat, Jetty) read these as dot segments.
+    #[error("dot segment with parameters")]
+    DotSegmentWithParameters,
+}
+
+/// The form routes are matched in: the normalised path without a trailing slash (except `/`),
+/// so `/x/` is judged exactly like `/x` and can never fall through to a broader route.
+pub fn match_form(normalised: &str) -> &str {
+    match normalised.strip_suffix('/') {
+        Some(trimmed) if !trimmed.is_empty() => trimmed,
+        _ => normalised,
+    }
 }
 
 /// The longest path accepted, in bytes.
@@ -42,13 +54,19 @@ pub fn normalise(raw: &str) -> Result<String, PathNotNormalisable> {
         return Ok(raw.to_string());
     }
     let decoded = decode_unreserved(raw)?;
+    let has_dot_parameters = decoded
+        .split('/')
+        .any(|segment| matches!(segment.split_once(';'), Some((".", _)) | Some(("..", _))));
+    if has_dot_parameters {
+        return Err(PathNotNormalisable::DotSegmentWithParameters);
+    }
     Ok(remove_dot_segments(&decoded))
 }
 
 /// The common case, checked in one pass: no escapes, no backslash or NUL, no empty, `.` or `..`
 /// segment. Such a path is its own normal form.
 fn is_already_normal(raw: &str) -> bool {
-    !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | 0))
+    !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';' | 0))
         && !raw.contains("//")
         && raw
             .split('/')
@@ -59,7 +77,7 @@ fn is_already_normal(raw: &str) -> bool {
 /// escapes that would change segment boundaries.
 fn decode_unreserved(raw: &str) -> Result<String, PathNotNormalisable> {
     let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(raw.len());
+    let mut out: Vec<u8> = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -73,23 +91,24 @@ fn decode_unreserved(raw: &str) -> Result<String, PathNotNormalisable> {
                 let value = hi << 4 | lo;
                 match value {
                     b'/' | b'\\' | 0 => return Err(PathNotNormalisable::AmbiguousSeparator),
-                    v if is_unreserved(v) => out.push(char::from(v)),
-                    v => {
-                        out.push('%');
-                        out.push(char::from(HEX_UPPER[usize::from(v >> 4)]));
-                        out.push(char::from(HEX_UPPER[usize::from(v & 0xf)]));
-                    }
+                    v if is_unreserved(v) => out.push(v),
+                    v => out.extend_from_slice(&[
+                        b'%',
+                        HEX_UPPER[usize::from(v >> 4)],
+                        HEX_UPPER[usize::from(v & 0xf)],
+                    ]),
                 }
                 i += 3;
             }
             b'\\' | 0 => return Err(PathNotNormalisable::AmbiguousSeparator),
             _ => {
-                out.push(char::from(b));
+                out.push(b);
                 i += 1;
             }
         }
     }
-    Ok(out)
+    // Only ASCII was decoded and every other byte copied whole, so this is still UTF-8.
+    String::from_utf8(out).map_err(|_| PathNotNormalisable::BadEscape)
 }
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
@@ -158,7 +177,8 @@ mod tests {
             ("/a/%20b", "/a/%20b"),
             ("/a/%3a", "/a/%3A"),
             ("/a/...", "/a/..."),
-            ("/a;x/..;/b", "/a;x/..;/b"),
+            ("/a;x/b;y", "/a;x/b;y"),
+            ("/v1/caf\u{e9}/x/..", "/v1/caf\u{e9}/"),
         ];
         for (input, expected) in cases {
             assert_eq!(normalise(input).unwrap(), expected, "input {input}");
@@ -179,11 +199,21 @@ mod tests {
             ("/a%zz", BadEscape),
             ("/a%4", BadEscape),
             ("/a%", BadEscape),
+            ("/a/..;/b", DotSegmentWithParameters),
+            ("/a/.;x/b", DotSegmentWithParameters),
+            ("/a/%2e%2e;/b", DotSegmentWithParameters),
         ];
         for (input, expected) in cases {
             assert_eq!(normalise(input), Err(expected), "input {input}");
         }
         assert_eq!(normalise(&"/a".repeat(5000)), Err(TooLong));
+    }
+
+    #[test]
+    fn match_form_drops_one_trailing_slash() {
+        assert_eq!(match_form("/"), "/");
+        assert_eq!(match_form("/a/"), "/a");
+        assert_eq!(match_form("/a"), "/a");
     }
 
     fn path_strategy() -> impl Strategy<Value = String> {

@@ -72,7 +72,6 @@ pub fn compile_files(
         policy_path,
         &policy_text,
         keys_path,
-        KeysSource::File,
         None,
         usage,
         generation,
@@ -88,35 +87,19 @@ struct Loaded {
     keys_digest: [u8; 32],
 }
 
-/// Where the keys come from: the file on disk (streamed), or text just written by the key API.
-#[derive(Clone, Copy)]
-enum KeysSource<'a> {
-    File,
-    Text(&'a str),
-}
-
-/// Compiles the policy text, then the keys against it.
+/// Compiles the policy text, then streams the keys file against it.
 fn compile_from(
     policy_path: &Path,
     policy_text: &str,
     keys_path: &Path,
-    source: KeysSource<'_>,
     previous: Option<&KeyStore>,
     usage: &Arc<UsageTable>,
     generation: u64,
 ) -> Result<Loaded, (ReloadFile, FileProblems)> {
     let policy = policy::compile(policy_text)
         .map_err(|p| (ReloadFile::Policy, FileProblems::new(policy_path, p)))?;
-    let keys = match source {
-        KeysSource::File => keys::compile_path(keys_path, &policy, previous, usage),
-        KeysSource::Text(text) => {
-            keys::compile(text, &policy, previous, usage).map(|compiled| keys::CompiledFile {
-                compiled,
-                digest: digest(text.as_bytes()),
-            })
-        }
-    }
-    .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
+    let keys = keys::compile_path(keys_path, &policy, previous, usage)
+        .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
     finish(
         policy_text,
         policy,
@@ -220,16 +203,8 @@ impl Loader {
         let usage = Arc::<UsageTable>::default();
         let keys_fingerprint = fingerprint(&keys_path);
         let policy_text = read(&policy_path, "policy")?;
-        let loaded = compile_from(
-            &policy_path,
-            &policy_text,
-            &keys_path,
-            KeysSource::File,
-            None,
-            &usage,
-            1,
-        )
-        .map_err(|(_, p)| p)?;
+        let loaded = compile_from(&policy_path, &policy_text, &keys_path, None, &usage, 1)
+            .map_err(|(_, p)| p)?;
         log_warnings(&loaded.warnings);
         let tls_digest = tls.as_ref().map_or([0; 32], tls_digest);
         let loader = Loader {
@@ -305,7 +280,6 @@ impl Loader {
             &self.policy_path,
             &policy_text,
             &self.keys_path,
-            KeysSource::File,
             Some(&current.keys),
             &self.usage,
             next,
@@ -349,19 +323,22 @@ impl Loader {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let policy_text = read(&self.policy_path, "policy").map_err(|p| p.to_string())?;
-        let next = self.generation.load(Ordering::SeqCst) + 1;
+        // Keys change against the live policy; a policy edited on disk meanwhile is the watcher's
+        // business and is applied (and audited) as a policy reload.
         let current = self.state.load_full();
-        let loaded = compile_from(
-            &self.policy_path,
-            &policy_text,
-            &self.keys_path,
-            KeysSource::Text(keys_text),
-            Some(&current.keys),
-            &self.usage,
-            next,
-        )
-        .map_err(|(_, p)| p.to_string())?;
+        let next = self.generation.load(Ordering::SeqCst) + 1;
+        let compiled = keys::compile(keys_text, &current.policy, Some(&current.keys), &self.usage)
+            .map_err(|p| FileProblems::new(&self.keys_path, p).to_string())?;
+        let loaded = Loaded {
+            snapshot: Snapshot {
+                generation: next,
+                policy: current.policy.clone(),
+                keys: Arc::new(compiled.store),
+            },
+            warnings: Vec::new(),
+            policy_digest: versions.policy,
+            keys_digest: digest(keys_text.as_bytes()),
+        };
         versions.keys_fingerprint = fingerprint(&self.keys_path);
         self.swap(loaded, &mut versions);
         self.count(&ReloadOutcome::Applied {

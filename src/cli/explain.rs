@@ -51,7 +51,9 @@ fn explain(snapshot: &Snapshot, key: Key<'_>, method: &Method, path: &str) -> Ve
     } else {
         None
     };
-    let hit = snapshot.policy.lookup(method, path);
+    let hit = snapshot
+        .policy
+        .lookup(method, crate::path::match_form(path));
     let mut reason = decision::Reason::NoRoute;
     let mut lines = Vec::new();
     let mut detail = Vec::new();

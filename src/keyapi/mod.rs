@@ -30,12 +30,14 @@ const MAX_BODY: usize = 64 * 1024;
 pub trait KeyRepository: Send + Sync {
     /// Reads every key entry.
     fn read(&self) -> anyhow::Result<KeysFile>;
-    /// Changes the entries under an exclusive lock and persists them atomically; returns the
-    /// new file's text so it can be applied to the live state.
+    /// Changes the entries under an exclusive lock, persists them atomically, and calls `apply`
+    /// with the new content while still holding the lock, so the live state can never be set to
+    /// an older version than another writer's.
     fn update(
         &self,
         change: &mut dyn FnMut(&mut KeysFile) -> anyhow::Result<()>,
-    ) -> anyhow::Result<String>;
+        apply: &mut dyn FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
 }
 
 /// The keys file as a repository.
@@ -52,9 +54,10 @@ impl KeyRepository for FileRepository {
     fn update(
         &self,
         change: &mut dyn FnMut(&mut KeysFile) -> anyhow::Result<()>,
-    ) -> anyhow::Result<String> {
-        let ((), written) = file::update(&self.path, |f| change(f))?;
-        Ok(file::render(&written))
+        apply: &mut dyn FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        file::update_then(&self.path, |f| change(f), |text| apply(text))?;
+        Ok(())
     }
 }
 
@@ -303,42 +306,42 @@ impl KeyApi {
         let new = secret::generate();
         let mut outcome: Result<KeyEntry, ApiError> = Err(internal("not run"));
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let text = self.repository.update(&mut |f: &mut KeysFile| {
-            let caller_scopes = f
-                .keys
-                .iter()
-                .find(|k| *k.id == *caller.id())
-                .and_then(|k| k.scopes.clone());
-            let scopes = match authz::scopes_for_new_key(
-                policy,
-                caller,
-                caller_scopes.as_deref(),
-                &principal,
-                scopes.as_deref(),
-            ) {
-                Ok(s) => s,
-                Err(r) => {
-                    outcome = Err(r.into());
-                    anyhow::bail!("refused");
-                }
-            };
-            let entry = KeyEntry::for_new_key(
-                &new,
-                target,
-                scopes,
-                purpose.clone(),
-                created.clone(),
-                expires.clone(),
-            );
-            f.keys.push(entry.clone());
-            outcome = Ok(entry);
-            Ok(())
-        });
-        let entry = match (text, outcome) {
-            (Ok(text), Ok(entry)) => {
-                self.loader.apply_keys_text(&text).map_err(internal)?;
-                entry
-            }
+        let written = self.repository.update(
+            &mut |f: &mut KeysFile| {
+                let caller_scopes = f
+                    .keys
+                    .iter()
+                    .find(|k| *k.id == *caller.id())
+                    .and_then(|k| k.scopes.clone());
+                let scopes = match authz::scopes_for_new_key(
+                    policy,
+                    caller,
+                    caller_scopes.as_deref(),
+                    &principal,
+                    scopes.as_deref(),
+                ) {
+                    Ok(s) => s,
+                    Err(r) => {
+                        outcome = Err(r.into());
+                        anyhow::bail!("refused");
+                    }
+                };
+                let entry = KeyEntry::for_new_key(
+                    &new,
+                    target,
+                    scopes,
+                    purpose.clone(),
+                    created.clone(),
+                    expires.clone(),
+                );
+                f.keys.push(entry.clone());
+                outcome = Ok(entry);
+                Ok(())
+            },
+            &mut |text| self.apply(text),
+        );
+        let entry = match (written, outcome) {
+            (Ok(()), Ok(entry)) => entry,
             (_, Err(e)) => return Err(e),
             (Err(e), Ok(_)) => return Err(internal(e)),
         };
@@ -420,21 +423,31 @@ impl KeyApi {
         authz::may(&snapshot.policy, caller, &entry.principal, Access::Write)?;
         let mut outcome: Result<(), ApiError> = Ok(());
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let text = self.repository.update(&mut |f: &mut KeysFile| {
-            let Some(index) = f.keys.iter().position(|k| k.id == id) else {
-                outcome = Err(not_found());
-                anyhow::bail!("gone");
-            };
-            if let Err(e) = change(f, index) {
-                outcome = Err(e);
-                anyhow::bail!("refused");
-            }
-            Ok(())
-        });
+        let written = self.repository.update(
+            &mut |f: &mut KeysFile| {
+                let Some(index) = f.keys.iter().position(|k| k.id == id) else {
+                    outcome = Err(not_found());
+                    anyhow::bail!("gone");
+                };
+                if let Err(e) = change(f, index) {
+                    outcome = Err(e);
+                    anyhow::bail!("refused");
+                }
+                Ok(())
+            },
+            &mut |text| self.apply(text),
+        );
         outcome?;
-        let text = text.map_err(internal)?;
-        self.loader.apply_keys_text(&text).map_err(internal)?;
+        written.map_err(internal)?;
         Ok(entry)
+    }
+
+    /// Puts freshly written keys live; runs under the keys-file lock.
+    fn apply(&self, text: &str) -> anyhow::Result<()> {
+        self.loader
+            .apply_keys_text(text)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("the keys file was written but could not be applied: {e}"))
     }
 
     fn set_active(

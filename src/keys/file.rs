@@ -164,7 +164,10 @@ pub fn locate(source: &str, index: usize, field: Option<&str>) -> (usize, usize)
 
 /// Replaces `path` with `file` atomically, mode 0600.
 pub fn write_atomic(path: &Path, file: &KeysFile) -> std::io::Result<()> {
-    let text = render(file);
+    write_text_atomic(path, &render(file))
+}
+
+fn write_text_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -205,6 +208,16 @@ pub fn update<T>(
     path: &Path,
     change: impl FnOnce(&mut KeysFile) -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, KeysFile)> {
+    update_then(path, change, |_| Ok(()))
+}
+
+/// Like [`update`], and runs `after_write` with the text written while still holding the lock,
+/// so whoever applies the change to live state cannot race another writer.
+pub fn update_then<T>(
+    path: &Path,
+    change: impl FnOnce(&mut KeysFile) -> anyhow::Result<T>,
+    after_write: impl FnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<(T, KeysFile)> {
     let lock_path = lock_path(path);
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -225,8 +238,10 @@ pub fn update<T>(
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
     let out = change(&mut file)?;
-    write_atomic(path, &file)
+    let text = render(&file);
+    write_text_atomic(path, &text)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    after_write(&text)?;
     drop(lock);
     Ok((out, file))
 }

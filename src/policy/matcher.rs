@@ -48,7 +48,7 @@ impl Template {
         for (i, seg) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             positional.push('/');
-            if (seg.is_empty() && !last) || *seg == "." || *seg == ".." {
+            if (seg.is_empty() && !(last && segments.len() == 1)) || *seg == "." || *seg == ".." {
                 return Err(TemplateError::NotNormalised);
             }
             if !seg.contains(['{', '}']) {
@@ -121,11 +121,30 @@ pub fn parse_match(text: &str) -> Result<(Vec<Method>, &str), String> {
 
 /// Two radix trees per method, one for templates without a catch-all and one for templates
 /// ending in `{*tail}` (the tree cannot hold a parameter and a catch-all at the same position).
-/// A catch-all route is considered only when no route without one matches. `HEAD` falls back to
-/// the `GET` trees.
+/// When both trees match, the route whose segments are more specific from the left wins
+/// (static over parameter over catch-all), so the split never changes which route applies.
+/// `HEAD` falls back to the `GET` trees.
 #[derive(Default)]
 pub struct RouteTable {
     trees: Vec<(Method, MethodTrees)>,
+    shapes: Vec<Vec<u8>>,
+}
+
+/// Per segment: 2 static, 1 parameter, 0 catch-all. Compared left to right, larger is more specific.
+fn shape(template: &str) -> Vec<u8> {
+    template
+        .split('/')
+        .skip(1)
+        .map(|segment| {
+            if segment.starts_with("{*") {
+                0
+            } else if segment.starts_with('{') {
+                1
+            } else {
+                2
+            }
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -157,6 +176,10 @@ impl RouteTable {
                 self.trees.len() - 1
             }
         };
+        if self.shapes.len() <= route {
+            self.shapes.resize(route + 1, Vec::new());
+        }
+        self.shapes[route] = shape(template);
         let trees = &mut self.trees[index].1;
         if template.contains("{*") {
             trees.tail.insert(template, route)
@@ -178,7 +201,19 @@ impl RouteTable {
 
     fn find_exact<'a>(&'a self, method: &Method, path: &'a str) -> Option<RouteMatch<'a>> {
         let (_, trees) = self.trees.iter().find(|(m, _)| m == method)?;
-        let found = trees.exact.at(path).or_else(|_| trees.tail.at(path)).ok()?;
+        let found = match (trees.exact.at(path).ok(), trees.tail.at(path).ok()) {
+            (Some(exact), Some(tail)) => {
+                let exact_shape = self.shapes.get(*exact.value);
+                let tail_shape = self.shapes.get(*tail.value);
+                if tail_shape > exact_shape {
+                    tail
+                } else {
+                    exact
+                }
+            }
+            (Some(only), None) | (None, Some(only)) => only,
+            (None, None) => return None,
+        };
         Some(RouteMatch {
             route: *found.value,
             params: found.params,
@@ -253,5 +288,22 @@ mod tests {
         assert_eq!(at(Method::POST, "/v1/special"), None);
         assert_eq!(at(Method::GET, "/v2"), None);
         assert_eq!(at(Method::GET, "/v1special"), None);
+    }
+
+    #[test]
+    fn a_static_segment_before_a_catch_all_beats_a_parameter() {
+        let mut table = RouteTable::default();
+        table.insert(&Method::GET, "/v1/{p0}/{p1}", 0).unwrap();
+        table.insert(&Method::GET, "/v1/admin/{*p0}", 1).unwrap();
+        table.insert(&Method::GET, "/v1/{p0}/x/{*p1}", 2).unwrap();
+        let at = |p: &str| table.find(&Method::GET, p).map(|r| r.route);
+        assert_eq!(at("/v1/admin/users"), Some(1));
+        assert_eq!(at("/v1/team/report"), Some(0));
+        assert_eq!(
+            at("/v1/team/x"),
+            Some(0),
+            "a parameter beats a catch-all at the same depth"
+        );
+        assert_eq!(at("/v1/team/x/y"), Some(2));
     }
 }

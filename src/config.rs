@@ -30,6 +30,8 @@ struct ConfigFile {
     log: Option<LogConfig>,
     key_api: Option<KeyApiConfig>,
     audit: Option<AuditConfig>,
+    #[serde(default)]
+    trust_forwarded: bool,
 }
 
 /// `key_api:`: the self-service key API on the main listener.
@@ -138,6 +140,8 @@ pub struct Config {
     pub key_api: KeyApiConfig,
     /// The audit stream, when configured.
     pub audit: Option<AuditConfig>,
+    /// Keep (append to) the client's forwarding headers: only behind a proxy you trust.
+    pub trust_forwarded: bool,
 }
 
 impl Config {
@@ -160,6 +164,7 @@ impl Config {
             log: LogConfig::default(),
             key_api: KeyApiConfig::default(),
             audit: None,
+            trust_forwarded: false,
         }
     }
 
@@ -227,6 +232,7 @@ impl Config {
         config.metrics = file.metrics.unwrap_or_default();
         config.log = file.log.unwrap_or_default();
         config.key_api = file.key_api.unwrap_or_default();
+        config.trust_forwarded = file.trust_forwarded;
         if let Some(mut audit) = file.audit {
             audit.resolve_paths(base);
             if let Err(messages) = audit.validate() {

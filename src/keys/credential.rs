@@ -64,7 +64,7 @@ fn offer<'a>(found: &mut Option<Cow<'a, str>>, key: Cow<'a, str>) -> Result<(), 
 
 fn strip_scheme<'a>(text: &'a str, scheme: &str) -> Option<&'a str> {
     let text = text.trim();
-    let (given, rest) = text.split_once(' ')?;
+    let (given, rest) = text.split_once([' ', '\t'])?;
     given.eq_ignore_ascii_case(scheme).then(|| rest.trim())
 }
 

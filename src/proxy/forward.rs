@@ -37,6 +37,8 @@ pub struct ForwardContext<'a> {
     pub proto: &'static str,
     /// The request id to pass on.
     pub request_id: &'a HeaderValue,
+    /// Whether forwarding headers from the client are kept (a trusted proxy is in front).
+    pub trust_forwarded: bool,
 }
 
 impl Upstream {
@@ -87,8 +89,13 @@ impl Upstream {
         mut request: Request<Incoming>,
         ctx: ForwardContext<'_>,
     ) -> Result<Response<ProxyBody>, Refusal> {
+        // Only WebSocket is tunnelled; other protocols (h2c, TLS) are not upgraded through us.
         let wants_upgrade = request.version() == Version::HTTP_11
-            && request.headers().contains_key(header::UPGRADE)
+            && request
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
             && connection_has_upgrade(request.headers());
         let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
@@ -109,7 +116,12 @@ impl Upstream {
         if let Some(key) = ctx.key {
             headers::set_identity(&mut parts.headers, key);
         }
-        headers::set_forwarded(&mut parts.headers, ctx.client.ip(), ctx.proto);
+        headers::set_forwarded(
+            &mut parts.headers,
+            ctx.client.ip(),
+            ctx.proto,
+            ctx.trust_forwarded,
+        );
         parts
             .headers
             .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());

@@ -21,14 +21,13 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-fn hop_by_hop() -> [&'static HeaderName; 8] {
+fn hop_by_hop() -> [&'static HeaderName; 7] {
     [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
         &header::PROXY_AUTHENTICATE,
         &header::PROXY_AUTHORIZATION,
-        &header::TE,
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
     ]
@@ -52,6 +51,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in hop_by_hop() {
         headers.remove(name);
     }
+    // `TE: trailers` is the one TE value worth passing on (gRPC needs it); the rest are hop-by-hop.
+    let trailers_only = headers.get_all(header::TE).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+    });
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -73,9 +80,13 @@ pub fn strip_client_identity(headers: &mut HeaderMap) {
     for v in authorizations {
         headers.append(header::AUTHORIZATION, v);
     }
+    // `X-Portcullis_Principal` too: CGI-style backends fold `_` into `-` (HTTP_X_PORTCULLIS_...).
     let forged: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-portcullis-"))
+        .filter(|k| {
+            let folded = k.as_str().replace('_', "-");
+            folded.starts_with("x-portcullis-") || folded == "x-api-key"
+        })
         .cloned()
         .collect();
     for name in forged {
@@ -95,12 +106,16 @@ pub fn set_identity(headers: &mut HeaderMap, key: Key<'_>) {
     put(headers, &X_KEY_ID, key.id());
 }
 
-/// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` (and
-/// `X-Forwarded-Host` when the client named a host).
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+/// Records this hop in `X-Forwarded-For` and `Forwarded` (appended to the client's values only
+/// when `trust` says a proxy we trust sits in front; otherwise replacing them, so a client cannot
+/// plant an address), and sets `X-Forwarded-Proto` (and `X-Forwarded-Host` for a valid host).
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, trust: bool) {
     let append = |headers: &mut HeaderMap, name: &HeaderName, entry: String| {
-        let joined = match headers.get(name).and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.trim().is_empty() => format!("{existing}, {entry}"),
+        let existing = headers.get(name).and_then(|v| v.to_str().ok());
+        let joined = match existing {
+            Some(existing) if trust && !existing.trim().is_empty() => {
+                format!("{existing}, {entry}")
+            }
             _ => entry,
         };
         if let Ok(v) = HeaderValue::from_str(&joined) {
@@ -112,9 +127,14 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
+    // Only a real authority goes into `Forwarded`, so a crafted Host cannot add elements to it.
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.parse::<http::uri::Authority>()
+                .is_ok_and(|a| a.as_str() == *h)
+        })
         .map(str::to_string);
     let forwarded = match &host {
         Some(h) => format!("for={node};host=\"{h}\";proto={proto}"),
@@ -181,6 +201,8 @@ mod tests {
         h.insert("x-api-key", "k".parse().unwrap());
         h.insert("x-portcullis-principal", "root".parse().unwrap());
         h.insert("X-Portcullis-Whatever", "1".parse().unwrap());
+        h.insert("x-portcullis_principal", "root".parse().unwrap());
+        h.insert("x_api_key", "k".parse().unwrap());
         strip_client_identity(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Digest abc");
@@ -190,10 +212,25 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        set_forwarded(&mut h, "::1".parse().unwrap(), "http", true);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, ::1");
         assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=http");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        h.insert(header::HOST, "x\", for=127.0.0.1;host=\"y".parse().unwrap());
+        set_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http", false);
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "192.0.2.7",
+            "untrusted values are replaced"
+        );
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=192.0.2.7;proto=http",
+            "a crafted Host is left out"
+        );
+        assert!(h.get("x-forwarded-host").is_none());
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct Service {
     pub key_api: Option<Arc<KeyApi>>,
     /// Where every decision is recorded.
     pub audit: Auditor,
+    /// Keep the client's `X-Forwarded-For`/`Forwarded` (a trusted proxy is in front).
+    pub trust_forwarded: bool,
 }
 
 /// What happened to a request, kept by index into its snapshot so recording allocates nothing.
@@ -213,6 +215,7 @@ impl Service {
             client,
             proto: self.proto,
             request_id,
+            trust_forwarded: self.trust_forwarded,
         };
         drop(credential);
         let sent = Instant::now();

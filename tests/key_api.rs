@@ -394,3 +394,53 @@ async fn the_prefix_needs_a_key_and_is_never_forwarded() {
     );
     assert_eq!(api.backend.count(), 0);
 }
+
+#[tokio::test]
+async fn weak_keys_cannot_revive_or_extend_stronger_ones_and_absurd_times_are_refused() {
+    let api = Api::start().await;
+    let strong = secret_of(&api.create(&api.ada.key, json!({})).await);
+    let id = &strong[4..12];
+    let path = |action: &str| format!("{PREFIX}/{id}/{action}");
+    assert_eq!(
+        api.call("POST", &path("deactivate"), &api.ada.key, Value::Null)
+            .await
+            .status,
+        200
+    );
+    let revive = api
+        .call(
+            "POST",
+            &path("activate"),
+            &api.ada_read_only.key,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(revive.status, 403, "{}", revive.text());
+    assert_eq!(api.status("GET", "/v1/datasets", &strong).await, 401);
+    let far = api
+        .create(&api.vera.key, json!({"expires": "600000y"}))
+        .await;
+    assert_eq!(far.status, 400, "{}", far.text());
+    let own = secret_of(&api.create(&api.vera.key, json!({"expires": "1h"})).await);
+    let long = api
+        .call(
+            "POST",
+            &format!("{PREFIX}/{}/rotate", &own[4..12]),
+            &api.vera.key,
+            json!({"overlap": "1000y"}),
+        )
+        .await;
+    assert_eq!(long.status, 400, "{}", long.text());
+    let huge = "x".repeat(70 * 1024);
+    let auth = format!("Bearer {}", api.vera.key);
+    let body = format!("{{\"purpose\": \"{huge}\"}}");
+    let r = send(
+        api.proxy.addr,
+        "POST",
+        PREFIX,
+        &[("authorization", &auth)],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 413);
+}

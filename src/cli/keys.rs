@@ -173,14 +173,11 @@ pub fn rotate(
     id: &str,
     overlap: Option<&str>,
 ) -> Result<(String, String), CommandError> {
-    let overlap = match overlap {
-        None => std::time::Duration::ZERO,
-        Some(text) => humantime::parse_duration(text).map_err(|_| {
-            CommandError::Usage(format!("--overlap {text:?} is not a duration like 1h"))
-        })?,
-    };
+    let overlap = super::parse_overlap(overlap).map_err(CommandError::Usage)?;
     let now = time::OffsetDateTime::now_utc();
-    let old_expiry = format_time(now + overlap).map_err(CommandError::Usage)?;
+    let old_expiry = super::later(now, overlap)
+        .and_then(format_time)
+        .map_err(CommandError::Usage)?;
     let created = format_time(now).map_err(CommandError::Usage)?;
     let new = secret::generate();
     let ((new_id, principal), _) = file::update(keys, |f| {

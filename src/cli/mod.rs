@@ -207,13 +207,40 @@ pub fn resolve_files(
 /// Parses `90d`, `12h` (from now) or an RFC 3339 time, into an RFC 3339 UTC string.
 pub fn expiry_from(text: &str, now: time::OffsetDateTime) -> Result<String, String> {
     if let Ok(d) = humantime::parse_duration(text) {
-        let at = now + d;
-        return format_time(at);
+        return later(now, d).and_then(format_time);
     }
     crate::keys::parse_time(text)
         .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| e.to_string()))
         .and_then(format_time)
         .map_err(|_| format!("{text:?} is neither a duration (90d, 12h) nor an RFC 3339 time"))
+}
+
+/// `now + d`, or an error instead of an overflow for absurd durations.
+pub fn later(
+    now: time::OffsetDateTime,
+    d: std::time::Duration,
+) -> Result<time::OffsetDateTime, String> {
+    time::Duration::try_from(d)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .filter(|t| t.year() <= 9999)
+        .ok_or_else(|| format!("{} is too far in the future", humantime::format_duration(d)))
+}
+
+/// The longest rotation overlap accepted.
+pub const MAX_OVERLAP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Parses a rotation overlap (at most 30 days).
+pub fn parse_overlap(text: Option<&str>) -> Result<std::time::Duration, String> {
+    let Some(text) = text else {
+        return Ok(std::time::Duration::ZERO);
+    };
+    let d = humantime::parse_duration(text)
+        .map_err(|_| format!("overlap {text:?} is not a duration like 1h"))?;
+    if d > MAX_OVERLAP {
+        return Err(format!("overlap {text:?} is longer than 30 days"));
+    }
+    Ok(d)
 }
 
 /// Formats a time as RFC 3339 UTC with whole seconds.

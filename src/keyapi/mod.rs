@@ -114,6 +114,14 @@ fn not_found() -> ApiError {
     ApiError::Problem(StatusCode::NOT_FOUND, "Not found", "No such key.".into())
 }
 
+fn not_yet_loaded() -> ApiError {
+    ApiError::Problem(
+        StatusCode::CONFLICT,
+        "Conflict",
+        "This key is not loaded yet; try again in a moment.".into(),
+    )
+}
+
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "key API failure");
     ApiError::Problem(
@@ -162,7 +170,28 @@ impl KeyApi {
         let query = request.uri().query().unwrap_or("").to_string();
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
-            Err(_) => Bytes::new(),
+            Err(e) => {
+                let (status, title, detail) = if e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Payload too large",
+                        "The request body is larger than 64 KiB.",
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "The request body could not be read.",
+                    )
+                };
+                return Handled {
+                    response: problem(status, title, detail, request_id),
+                    forbidden: false,
+                };
+            }
         };
         let api = self.clone();
         let rid = request_id.to_string();
@@ -460,6 +489,11 @@ impl KeyApi {
         let mut updated: Option<KeyEntry> = None;
         let result = self
             .change_entry(id, snapshot, caller, &mut |f, i| {
+                // Turning a key back on gives its access back: only to a caller who holds it all.
+                if active && !f.keys[i].active {
+                    let old = snapshot.keys.by_id(id).ok_or_else(not_yet_loaded)?;
+                    authz::within_caller(&snapshot.policy, caller, old.grants())?;
+                }
                 f.keys[i].active = active;
                 updated = Some(f.keys[i].clone());
                 Ok(())
@@ -513,21 +547,20 @@ impl KeyApi {
         } else {
             parse_body(body)?
         };
-        let overlap = match req.overlap.as_deref() {
-            None => std::time::Duration::ZERO,
-            Some(t) => humantime::parse_duration(t)
-                .map_err(|_| bad_request(format!("overlap {t:?} is not a duration like 1h")))?,
-        };
+        let overlap = crate::cli::parse_overlap(req.overlap.as_deref()).map_err(bad_request)?;
         let now = time::OffsetDateTime::now_utc();
-        let old_expiry = format_time(now + overlap).map_err(internal)?;
+        let old_expiry = crate::cli::later(now, overlap)
+            .and_then(format_time)
+            .map_err(bad_request)?;
         let created = format_time(now).map_err(internal)?;
         let new = secret::generate();
         let mut successor: Option<KeyEntry> = None;
         let result = self
             .change_entry(id, snapshot, caller, &mut |f, i| {
-                if let Some(old) = snapshot.keys.by_id(id) {
-                    authz::within_caller(&snapshot.policy, caller, old.grants())?;
-                }
+                // The successor has the old key's access, so the caller must hold all of it. A key
+                // the live state does not know yet (just written by the CLI) cannot be checked.
+                let old = snapshot.keys.by_id(id).ok_or_else(not_yet_loaded)?;
+                authz::within_caller(&snapshot.policy, caller, old.grants())?;
                 let entry = f.keys[i].rotate_to(&new, created.clone(), old_expiry.clone());
                 f.keys.push(entry.clone());
                 successor = Some(entry);

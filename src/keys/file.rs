@@ -75,7 +75,8 @@ impl KeyEntry {
     }
 
     /// Rotation: this entry's successor for `new` (same owner, scopes, purpose and expiry),
-    /// while this entry now expires at `old_expiry`.
+    /// while this entry now expires at `old_expiry`, or earlier if it already would: an overlap
+    /// never revives or extends the old key.
     pub fn rotate_to(
         &mut self,
         new: &super::secret::NewKey,
@@ -90,7 +91,15 @@ impl KeyEntry {
             created,
             self.expires.clone(),
         );
-        self.expires = Some(old_expiry);
+        let keeps_earlier = self.expires.as_deref().is_some_and(|current| {
+            match (super::parse_time(current), super::parse_time(&old_expiry)) {
+                (Ok(current), Ok(proposed)) => current < proposed,
+                _ => false,
+            }
+        });
+        if !keeps_earlier {
+            self.expires = Some(old_expiry);
+        }
         successor
     }
 }

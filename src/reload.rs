@@ -287,6 +287,11 @@ impl Loader {
             Ok(l) => l,
             Err((file, problems)) => return rejected(file, &problems),
         };
+        if fingerprint(&self.keys_path) != keys_fingerprint {
+            // Written to while we read it (a `cp` in progress): take the next event instead of a
+            // half-written file.
+            return ReloadOutcome::Unchanged;
+        }
         versions.keys_fingerprint = keys_fingerprint;
         let keys_changed = loaded.keys_digest != versions.keys;
         if !policy_changed && !keys_changed {

@@ -102,6 +102,8 @@ pub fn read_entries<R: BufRead>(
     let mut version: Option<u32> = None;
     let mut current: Option<Partial> = None;
     let mut in_block_scopes = false;
+    let mut scope_indent: Option<usize> = None;
+    let mut seen_keys = false;
     let mut count = 0;
     loop {
         buf.clear();
@@ -116,7 +118,11 @@ pub fn read_entries<R: BufRead>(
         if body.is_empty() || body.starts_with('#') {
             continue;
         }
-        if line.contains('\t') || body.starts_with("---") || body.starts_with("...") {
+        // Tabs, documents, and characters YAML treats as line breaks or forbids: general parser.
+        let odd_char = line
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}'));
+        if odd_char || body.starts_with("---") || body.starts_with("...") {
             return Err(unsupported);
         }
         let indent = line.len() - body.len();
@@ -127,6 +133,12 @@ pub fn read_entries<R: BufRead>(
                 count += finish(done, sink, line_no)?;
             }
             let (key, value) = split_field(body).ok_or(ReadError::Unsupported { line: line_no })?;
+            match key {
+                "version" if version.is_some() => return Err(unsupported),
+                "keys" if seen_keys => return Err(unsupported),
+                "keys" => seen_keys = true,
+                _ => {}
+            }
             match key {
                 "version" => {
                     let v = scalar(value).ok_or(ReadError::Unsupported { line: line_no })?;
@@ -146,6 +158,7 @@ pub fn read_entries<R: BufRead>(
         if is_item && item_indent.is_none_or(|i| i == indent) {
             *item_indent = Some(indent);
             in_block_scopes = false;
+            scope_indent = None;
             if let Some(done) = current.take() {
                 count += finish(done, sink, line_no)?;
             }
@@ -165,6 +178,9 @@ pub fn read_entries<R: BufRead>(
         };
         let field_indent = partial.lines.value_column - 1;
         if in_block_scopes && is_item && indent >= field_indent {
+            if *scope_indent.get_or_insert(indent) != indent {
+                return Err(unsupported);
+            }
             let value = body[1..].trim_start_matches(' ');
             let item = scalar(value)
                 .flatten()
@@ -176,6 +192,7 @@ pub fn read_entries<R: BufRead>(
             return Err(unsupported);
         }
         in_block_scopes = field(partial, body, line_no, field_indent)?;
+        scope_indent = None;
     }
     if let Some(done) = current.take() {
         count += finish(done, sink, line_no)?;
@@ -217,6 +234,9 @@ fn field(
         }
         e.scopes = Some(flow_sequence(value).ok_or_else(unsupported)?);
         return Ok(false);
+    }
+    if key == "active" && value.trim_start().starts_with(['"', '\'']) {
+        return Err(unsupported());
     }
     let value = scalar(value).ok_or_else(unsupported)?;
     match key {
@@ -329,6 +349,9 @@ fn double_quoted(value: &str) -> Option<String> {
                     '/' => out.push('/'),
                     'n' => out.push('\n'),
                     't' => out.push('\t'),
+                    'r' => out.push('\r'),
+                    'b' => out.push('\u{8}'),
+                    'f' => out.push('\u{c}'),
                     'u' => {
                         let hex: String = (0..4)
                             .filter_map(|_| chars.next().map(|(_, h)| h))
@@ -384,7 +407,12 @@ fn flow_sequence(value: &str) -> Option<Vec<String>> {
             _ => {
                 let end = rest.find(',').unwrap_or(rest.len());
                 let text = rest[..end].trim();
-                if text.is_empty() || text.contains(['[', ']', '{', '}', '"', '\'']) {
+                let special_start =
+                    text.starts_with(['*', '&', '!', '|', '>', '%', '@', '`', '#', '-', '?', ':']);
+                if text.is_empty()
+                    || special_start
+                    || text.contains(['[', ']', '{', '}', '"', '\'', '#'])
+                {
                     return None;
                 }
                 (text.to_string(), &rest[end..])
@@ -435,24 +463,26 @@ pub fn render(file: &KeysFile) -> String {
     }
     out.push_str("keys:\n");
     for k in &file.keys {
+        // The narrowing fields come first and the hash last: an entry cut short by a partial
+        // write lacks its hash and is refused, rather than loading wider than written.
         let _ = writeln!(out, "  - id: {}", q(&k.id));
         let _ = writeln!(out, "    prefix: {}", q(&k.prefix));
-        let _ = writeln!(out, "    hash: {}", q(&k.hash));
         let _ = writeln!(out, "    principal: {}", q(&k.principal));
         if let Some(scopes) = &k.scopes {
             let items: Vec<String> = scopes.iter().map(|s| q(s)).collect();
             let _ = writeln!(out, "    scopes: [{}]", items.join(", "));
         }
-        if let Some(p) = &k.purpose {
-            let _ = writeln!(out, "    purpose: {}", q(p));
-        }
         let _ = writeln!(out, "    active: {}", k.active);
-        if let Some(c) = &k.created {
-            let _ = writeln!(out, "    created: {}", q(c));
-        }
         if let Some(e) = &k.expires {
             let _ = writeln!(out, "    expires: {}", q(e));
         }
+        if let Some(p) = &k.purpose {
+            let _ = writeln!(out, "    purpose: {}", q(p));
+        }
+        if let Some(c) = &k.created {
+            let _ = writeln!(out, "    created: {}", q(c));
+        }
+        let _ = writeln!(out, "    hash: {}", q(&k.hash));
     }
     out
 }
@@ -540,6 +570,11 @@ keys:
             "version: 1\nkeys:\n  - id: a\n    prefix: b\n    hash: c\n",
             "version: 1\nkeys:\n  - id: a\n    id: b\n    prefix: b\n    hash: c\n    principal: d\n",
             "version: 1\nkeys:\n  - id: |\n      a\n",
+            "version: 1\nkeys:\n  - id: a\n    prefix: b\n    hash: c\n    principal: d\n    scopes:\n      - ds/a:read\n        - datasets:write\n",
+            "version: 1\nkeys: []\nkeys: []\n",
+            "version: 1\nkeys:\n  - id: a\n    prefix: b\n    hash: c\n    principal: d\n    purpose: x\u{85}active: false\n",
+            "version: 1\nkeys:\n  - id: a\n    prefix: b\n    hash: c\n    principal: d\n    active: \"false\"\n",
+            "version: 1\nkeys:\n  - id: a\n    prefix: b\n    hash: c\n    principal: d\n    scopes: [*x]\n",
         ] {
             assert!(matches!(read(text), Err(ReadError::Unsupported { .. })), "{text}");
         }

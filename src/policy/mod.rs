@@ -414,6 +414,15 @@ fn compile_principal(
     roles: &HashMap<String, Vec<Grant>>,
     problems: &mut Vec<Problem>,
 ) -> Option<Principal> {
+    // The name travels in a header and in syslog structured data: visible ASCII only.
+    let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic());
+    if !name_ok {
+        problems.push(Problem::at_span(
+            name.span(),
+            format!("principal name {:?} may only use visible ASCII characters (it is sent as a header)", name.as_str()),
+        ));
+        return None;
+    }
     let kind = match spec.kind.as_str() {
         "user" => Some(PrincipalKind::User),
         "robot" => Some(PrincipalKind::Robot),

@@ -7,6 +7,7 @@
 //! swapped atomically to a new timestamped folder, so the file's own inode never changes.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -34,9 +35,13 @@ pub fn watch(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) -> FileWatch {
             _ => PathBuf::from("."),
         })
         .collect();
+    let names: BTreeSet<OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(OsString::from))
+        .collect();
     let notify_trigger = trigger.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| is_relevant(&e, &names)) {
             let _ = notify_trigger.try_send(());
         }
     });
@@ -64,6 +69,25 @@ pub fn watch(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) -> FileWatch {
     }
 }
 
+/// Whether an event can have changed a watched file: a write, create, remove or rename of one of
+/// the watched names, or of a `..`-prefixed entry (Kubernetes' `..data` swap). Reads (including
+/// the loader's own) and unrelated files in the same folder (an audit log next to the config)
+/// must not trigger reloads, or every reload would trigger the next.
+fn is_relevant(event: &notify::Event, names: &BTreeSet<OsString>) -> bool {
+    use notify::event::{EventKind, ModifyKind};
+    let content_event = match event.kind {
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        _ => true,
+    };
+    content_event
+        && event.paths.iter().any(|path| {
+            path.file_name().is_some_and(|name| {
+                names.contains(name) || name.to_string_lossy().starts_with("..")
+            })
+        })
+}
+
 /// What identifies a file version without reading it: size, mtime, inode (through symlinks).
 #[derive(Debug, PartialEq, Eq, Clone)]
 struct Fingerprint(Option<(u64, SystemTime, u64)>);
@@ -84,6 +108,43 @@ fn inode(m: &std::fs::Metadata) -> u64 {
 #[cfg(not(unix))]
 fn inode(_m: &std::fs::Metadata) -> u64 {
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, CreateKind, DataChange, EventKind, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn only_content_changes_of_watched_names_count() {
+        let names: BTreeSet<OsString> = ["policy.yaml", "keys.yaml"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Content));
+        assert!(is_relevant(&event(write, "/c/keys.yaml"), &names));
+        assert!(is_relevant(
+            &event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/c/policy.yaml"
+            ),
+            &names
+        ));
+        assert!(is_relevant(
+            &event(EventKind::Create(CreateKind::Any), "/c/..data"),
+            &names
+        ));
+        assert!(!is_relevant(
+            &event(EventKind::Access(AccessKind::Any), "/c/keys.yaml"),
+            &names
+        ));
+        assert!(!is_relevant(&event(write, "/c/audit.jsonl"), &names));
+        assert!(!is_relevant(&event(write, "/c/.keys-abc.tmp"), &names));
+    }
 }
 
 async fn poll(files: Vec<PathBuf>, mut seen: Vec<Fingerprint>, trigger: mpsc::Sender<()>) {

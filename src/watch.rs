@@ -110,6 +110,18 @@ fn inode(_m: &std::fs::Metadata) -> u64 {
     0
 }
 
+async fn poll(files: Vec<PathBuf>, mut seen: Vec<Fingerprint>, trigger: mpsc::Sender<()>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+        if now != seen {
+            seen = now;
+            let _ = trigger.try_send(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,17 +156,5 @@ mod tests {
         ));
         assert!(!is_relevant(&event(write, "/c/audit.jsonl"), &names));
         assert!(!is_relevant(&event(write, "/c/.keys-abc.tmp"), &names));
-    }
-}
-
-async fn poll(files: Vec<PathBuf>, mut seen: Vec<Fingerprint>, trigger: mpsc::Sender<()>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let now: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
-        if now != seen {
-            seen = now;
-            let _ = trigger.try_send(());
-        }
     }
 }

@@ -75,11 +75,10 @@ pub fn watch(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) -> FileWatch {
 /// must not trigger reloads, or every reload would trigger the next.
 fn is_relevant(event: &notify::Event, names: &BTreeSet<OsString>) -> bool {
     use notify::event::{EventKind, ModifyKind};
-    let content_event = match event.kind {
-        EventKind::Access(_) => false,
-        EventKind::Modify(ModifyKind::Metadata(_)) => false,
-        _ => true,
-    };
+    let content_event = !matches!(
+        event.kind,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+    );
     content_event
         && event.paths.iter().any(|path| {
             path.file_name().is_some_and(|name| {

@@ -1,6 +1,5 @@
 //! Sending an allowed request to the backend and relaying its answer, bodies streamed both ways.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -31,10 +30,8 @@ pub struct ForwardContext<'a> {
     pub path: &'a str,
     /// The identified key, if any.
     pub key: Option<Key<'a>>,
-    /// The peer address of the client connection.
-    pub client: SocketAddr,
-    /// `http` or `https` as seen by the client.
-    pub proto: &'static str,
+    /// The client connection as the forwarding headers describe it.
+    pub hop: &'a headers::Hop,
     /// The request id to pass on.
     pub request_id: &'a HeaderValue,
     /// Whether forwarding headers from the client are kept (a trusted proxy is in front).
@@ -99,7 +96,7 @@ impl Upstream {
             && connection_has_upgrade(request.headers());
         let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        parts.uri = self.target(ctx.path, parts.uri.query());
+        parts.uri = self.target(ctx.path, &parts.uri);
         if !parts.headers.contains_key(header::HOST) {
             let host = parts
                 .uri
@@ -116,12 +113,7 @@ impl Upstream {
         if let Some(key) = ctx.key {
             headers::set_identity(&mut parts.headers, key);
         }
-        headers::set_forwarded(
-            &mut parts.headers,
-            ctx.client.ip(),
-            ctx.proto,
-            ctx.trust_forwarded,
-        );
+        headers::set_forwarded(&mut parts.headers, ctx.hop, ctx.trust_forwarded);
         parts
             .headers
             .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
@@ -146,15 +138,23 @@ impl Upstream {
         Ok(response.map(|b| b.boxed_unsync()))
     }
 
-    fn target(&self, path: &str, query: Option<&str>) -> Uri {
-        let path_and_query = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
+    /// The upstream URI: the backend's scheme and authority, the normalised path and the
+    /// client's query. When normalisation changed nothing, the client's bytes are reused.
+    fn target(&self, path: &str, original: &Uri) -> Uri {
+        let path_and_query = match original.path_and_query() {
+            Some(pq) if pq.path() == path => Some(pq.clone()),
+            _ => {
+                let text = match original.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                };
+                text.parse().ok()
+            }
         };
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = path_and_query.parse().ok();
+        parts.path_and_query = path_and_query;
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
     }
 }

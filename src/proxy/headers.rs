@@ -1,7 +1,7 @@
 //! Header rewriting between client and backend: hop-by-hop removal, credential removal,
 //! identity headers the client cannot forge, and the forwarding headers.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -106,44 +106,62 @@ pub fn set_identity(headers: &mut HeaderMap, key: Key<'_>) {
     put(headers, &X_KEY_ID, key.id());
 }
 
-/// Records this hop in `X-Forwarded-For` and `Forwarded` (appended to the client's values only
-/// when `trust` says a proxy we trust sits in front; otherwise replacing them, so a client cannot
-/// plant an address), and sets `X-Forwarded-Proto` (and `X-Forwarded-Host` for a valid host).
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, trust: bool) {
-    let append = |headers: &mut HeaderMap, name: &HeaderName, entry: String| {
-        let existing = headers.get(name).and_then(|v| v.to_str().ok());
-        let joined = match existing {
-            Some(existing) if trust && !existing.trim().is_empty() => {
-                format!("{existing}, {entry}")
-            }
-            _ => entry,
+/// This hop as the forwarding headers describe it, computed once per client connection.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    forwarded_for: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl Hop {
+    /// The hop for a connection from `peer`.
+    pub fn new(peer: SocketAddr, proto: &'static str) -> Hop {
+        let node = match peer.ip() {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
-        if let Ok(v) = HeaderValue::from_str(&joined) {
-            headers.insert(name.clone(), v);
+        let value = |text: String| {
+            HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        };
+        Hop {
+            peer,
+            proto,
+            forwarded_for: value(peer.ip().to_string()),
+            forwarded: value(format!("for={node};proto={proto}")),
         }
-    };
-    append(headers, &X_FORWARDED_FOR, client.to_string());
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    // Only a real authority goes into `Forwarded`, so a crafted Host cannot add elements to it.
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| {
-            h.parse::<http::uri::Authority>()
-                .is_ok_and(|a| a.as_str() == *h)
-        })
-        .map(str::to_string);
-    let forwarded = match &host {
-        Some(h) => format!("for={node};host=\"{h}\";proto={proto}"),
-        None => format!("for={node};proto={proto}"),
-    };
-    append(headers, &FORWARDED, forwarded);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    if let Some(h) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
-        headers.insert(X_FORWARDED_HOST.clone(), h);
+    }
+}
+
+/// Records this hop in `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Proto`. The
+/// client's own values are kept (and appended to) only when `trust` says a proxy we trust sits in
+/// front; otherwise they are replaced, so a client cannot plant an address.
+pub fn set_forwarded(headers: &mut HeaderMap, hop: &Hop, trust: bool) {
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(hop.proto),
+    );
+    if !trust {
+        headers.insert(X_FORWARDED_FOR.clone(), hop.forwarded_for.clone());
+        headers.insert(FORWARDED.clone(), hop.forwarded.clone());
+        headers.remove(&X_FORWARDED_HOST);
+        return;
+    }
+    for (name, ours) in [
+        (&X_FORWARDED_FOR, &hop.forwarded_for),
+        (&FORWARDED, &hop.forwarded),
+    ] {
+        let joined = match headers.get(name).and_then(|v| v.to_str().ok()) {
+            Some(existing) if !existing.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{existing}, {}", ours.to_str().unwrap_or("")))
+                    .unwrap_or_else(|_| ours.clone())
+            }
+            _ => ours.clone(),
+        };
+        headers.insert(name.clone(), joined);
     }
 }
 
@@ -209,27 +227,22 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_append() {
+    fn forwarded_headers_replace_unless_trusted() {
+        let hop = Hop::new("[::1]:5000".parse().unwrap(), "http");
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http", true);
+        set_forwarded(&mut h, &hop, true);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, ::1");
         assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=http");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        let hop = Hop::new("192.0.2.7:1".parse().unwrap(), "https");
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        h.insert(header::HOST, "x\", for=127.0.0.1;host=\"y".parse().unwrap());
-        set_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http", false);
-        assert_eq!(
-            h.get("x-forwarded-for").unwrap(),
-            "192.0.2.7",
-            "untrusted values are replaced"
-        );
-        assert_eq!(
-            h.get("forwarded").unwrap(),
-            "for=192.0.2.7;proto=http",
-            "a crafted Host is left out"
-        );
+        h.insert("forwarded", "for=127.0.0.1".parse().unwrap());
+        h.insert("x-forwarded-host", "evil".parse().unwrap());
+        set_forwarded(&mut h, &hop, false);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
+        assert_eq!(h.get("forwarded").unwrap(), "for=192.0.2.7;proto=https");
         assert!(h.get("x-forwarded-host").is_none());
     }
 

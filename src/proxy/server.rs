@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+use super::headers::Hop;
 use super::service::Service;
 
 /// Limits applied to every client connection.
@@ -66,9 +67,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let hop = Arc::new(Hop::new(peer, service.proto));
         let svc = service_fn(move |request| {
-            let service = service.clone();
-            async move { Ok::<_, Infallible>(service.handle(request, peer).await) }
+            let (service, hop) = (service.clone(), hop.clone());
+            async move { Ok::<_, Infallible>(service.handle(request, hop).await) }
         });
         match &tls {
             None => {

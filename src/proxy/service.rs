@@ -24,6 +24,8 @@ use crate::policy::grant::Access;
 use crate::policy::RouteRule;
 use crate::state::{LiveState, Snapshot};
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// Makes request ids: a per-process random part and a counter, unique and cheap.
 pub struct RequestIds {
     boot: u32,
@@ -41,8 +43,17 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let text = format!("{:08x}{:016x}", self.boot, n);
-        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"))
+        let mut text = [0u8; 24];
+        let digits = (u64::from(self.boot) << 32)
+            .to_be_bytes()
+            .into_iter()
+            .take(4)
+            .chain(n.to_be_bytes());
+        for (i, byte) in digits.enumerate() {
+            text[2 * i] = HEX_DIGITS[usize::from(byte >> 4)];
+            text[2 * i + 1] = HEX_DIGITS[usize::from(byte & 0xf)];
+        }
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
@@ -100,7 +111,7 @@ impl Service {
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-        client: SocketAddr,
+        hop: Arc<headers::Hop>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_id = match headers::client_request_id(request.headers()) {
@@ -109,7 +120,7 @@ impl Service {
         };
         let method = request.method().clone();
         let mut outcome = Outcome {
-            client: Some(client),
+            client: Some(hop.peer),
             ..Outcome::default()
         };
         if self.audit.is_enabled() {
@@ -120,7 +131,7 @@ impl Service {
                 .map(|ua| ua.chars().take(256).collect());
         }
         let mut response = self
-            .decide_and_forward(request, client, &request_id, &mut outcome)
+            .decide_and_forward(request, &hop, &request_id, &mut outcome)
             .await;
         self.record(&outcome, &method, response.status(), started, &request_id);
         response
@@ -132,7 +143,7 @@ impl Service {
     async fn decide_and_forward(
         &self,
         request: Request<Incoming>,
-        client: SocketAddr,
+        hop: &headers::Hop,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Response<ProxyBody> {
@@ -212,8 +223,7 @@ impl Service {
         let ctx = ForwardContext {
             path: &normalised,
             key: decision.key,
-            client,
-            proto: self.proto,
+            hop,
             request_id,
             trust_forwarded: self.trust_forwarded,
         };

@@ -8,11 +8,6 @@ use portcullis::app::{self, RunError};
 use portcullis::cli::{self, Cli, Command, CommandError};
 use portcullis::config::{Config, LogConfig};
 
-/// mimalloc: the request path allocates small, short-lived buffers on every request, and glibc's
-/// allocator was ~5 % of the proxy's CPU under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {

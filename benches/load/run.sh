@@ -18,7 +18,8 @@
 #
 # Knobs (environment): DURATION (10), CONNECTIONS (50), RATE (5000), RATE_CONNECTIONS (32),
 # LAT_ROUNDS (5), LAT_DURATION (4), PROXY_CPU (1), LOAD_CPU (0), NICE (-10),
-# LATENCY_LAYOUT (shared|split), TARGETS ("portcullis nginx haproxy"), KEEP_WORK=1.
+# LATENCY_LAYOUT (shared|split), TARGETS ("portcullis nginx haproxy"), KEEP_WORK=1,
+# PORTCULLIS_EXTRA_CONFIG (YAML appended to portcullis.yaml, e.g. an audit: block).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -139,6 +140,7 @@ upstream: http://127.0.0.1:$BACKEND_PORT
 admin: 127.0.0.1:$ADMIN_PORT
 policy: policy.yaml
 keys: keys.yaml
+${PORTCULLIS_EXTRA_CONFIG:-}
 YAML
     RUST_LOG=warn PORTCULLIS_LOG=warn nice -n "$NICE" taskset -c "$PROXY_CPU" \
         "$PORTCULLIS" run -c "$WORK/portcullis/portcullis.yaml" >"$WORK/portcullis.out" 2>"$WORK/portcullis.err" &

@@ -48,11 +48,27 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     config.grace_period = std::time::Duration::from_secs(2);
     let started = app::start(&config).await?;
     print_instructions(&alice, &bob, backend_addr, started.proxy);
-    let _ = tokio::signal::ctrl_c().await;
+    stopped().await;
     started.readiness.start_draining();
     let _ = started.stop.send(true);
     let _ = started.task.await;
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM where there is one.
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn print_instructions(alice: &str, bob: &str, backend: SocketAddr, proxy: SocketAddr) {

@@ -285,7 +285,15 @@ impl KeyApi {
             purpose: Option<String>,
             expires: Option<String>,
         }
-        let req: CreateBody = parse_body(body)?;
+        let req: CreateBody = match parse_body(body) {
+            Ok(req) => req,
+            Err(e) => {
+                let refused = Err(e);
+                let own = caller.principal().name.to_string();
+                self.audit("key_create", caller, ("", &own), &refused);
+                return refused;
+            }
+        };
         let target = req
             .principal
             .clone()

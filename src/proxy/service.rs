@@ -402,11 +402,15 @@ async fn key_api_request(
     let handled = api
         .handle(request, &path, snapshot, caller, request_id)
         .await;
-    outcome.reason = Some(if handled.forbidden {
-        Reason::Forbidden
+    // 403 is a permission decision; other errors (400, 404, 409, 413) are recorded by status.
+    let status = handled.response.status();
+    outcome.reason = if handled.forbidden {
+        Some(Reason::Forbidden)
+    } else if status.is_client_error() || status.is_server_error() {
+        None
     } else {
-        Reason::Granted
-    });
+        Some(Reason::Granted)
+    };
     outcome.path = path;
     handled.response
 }

@@ -617,6 +617,25 @@ keys:
 
     proptest! {
         #[test]
+        fn any_text_is_read_or_handed_on_never_a_panic(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    Just("version: 1".to_string()),
+                    Just("keys:".to_string()),
+                    Just("  - id: a".to_string()),
+                    Just("    scopes:".to_string()),
+                    Just("      - x:read".to_string()),
+                    "[ -~]{0,30}",
+                    "( |-|:|#|'|\"|\\[|\\]|,|a){0,12}",
+                ],
+                0..12,
+            )
+        ) {
+            let text = lines.join("\n");
+            let _ = read_entries(text.as_bytes(), &mut |_, _| {});
+        }
+
+        #[test]
         fn render_then_read_round_trips_and_agrees_with_serde(entries in proptest::collection::vec(entry_strategy(), 0..6)) {
             let file = KeysFile { version: 1, keys: entries };
             let text = render(&file);

@@ -81,7 +81,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     let audit = match &config.audit {
         Some(audit) => Auditor::start(audit, &registry)
             .map_err(|e| RunError::Config(format!("audit: {e:#}")))?,
-        None => Auditor::disabled(),
+        None => Auditor::disabled_on(&registry),
     };
     audit.record(AuditEvent::Start {
         version: env!("CARGO_PKG_VERSION"),

@@ -157,6 +157,11 @@ async fn per_key_series_are_off_by_default() {
         .samples
         .iter()
         .any(|x| x.metric == "portcullis_key_requests_total"));
+    // The audit families exist even without an audit sink, so dashboards find them.
+    assert!(s
+        .samples
+        .iter()
+        .any(|x| x.metric == "portcullis_audit_queue_depth"));
     assert_eq!(
         find(&s, "portcullis_requests_total", &[("reason", "granted")]),
         1.0

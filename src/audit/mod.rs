@@ -545,6 +545,15 @@ impl Auditor {
         Auditor { inner: None }
     }
 
+    /// Like [`Auditor::disabled`], with the audit metric families registered (at zero) so that
+    /// dashboards and alerts find them even when no sink is configured.
+    pub fn disabled_on(registry: &prometheus::Registry) -> Auditor {
+        if let Err(e) = metrics::AuditMetrics::register(registry, &[]) {
+            tracing::warn!(error = %e, "cannot register audit metrics");
+        }
+        Auditor::disabled()
+    }
+
     /// Whether this auditor records anything.
     pub fn is_enabled(&self) -> bool {
         self.inner.is_some()

@@ -119,14 +119,20 @@ pub fn from_marked_yaml(err: &marked_yaml::FromYamlError) -> Problem {
 
 /// `marked_yaml` prefixes some messages with `source:line:column: `; we print our own.
 fn strip_marker_prefix(message: &str) -> String {
-    let mut parts = message.splitn(4, ':');
-    let looks_marked = parts
-        .by_ref()
-        .take(3)
-        .all(|p| !p.is_empty() && p.trim().chars().all(|c| c.is_ascii_digit()));
-    match (looks_marked, parts.next()) {
-        (true, Some(rest)) => rest.trim().to_string(),
-        _ => message.to_string(),
+    // `line:column: ` or `source:line:column: `: drop the leading all-digit parts.
+    let mut rest = message;
+    let mut stripped = 0;
+    while let Some((head, tail)) = rest.split_once(':') {
+        if head.is_empty() || !head.trim().chars().all(|c| c.is_ascii_digit()) || stripped == 3 {
+            break;
+        }
+        rest = tail;
+        stripped += 1;
+    }
+    if stripped >= 2 {
+        rest.trim().to_string()
+    } else {
+        message.to_string()
     }
 }
 
@@ -140,5 +146,17 @@ pub fn from_serde_yaml(err: &serde_yaml::Error) -> Problem {
     match err.location() {
         Some(loc) => Problem::at(loc.line(), loc.column(), message),
         None => Problem::at(1, 1, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_prefixes_are_dropped() {
+        assert_eq!(strip_marker_prefix("43:26: oops: here"), "oops: here");
+        assert_eq!(strip_marker_prefix("0:43:26: oops"), "oops");
+        assert_eq!(strip_marker_prefix("plain: message"), "plain: message");
     }
 }

@@ -547,6 +547,8 @@ async fn client_sent_portcullis_headers_are_removed() {
         ("x-portcullis-key-id", "forged00"),
         ("x-portcullis-anything", "x"),
         ("X-Portcullis-Principal", "root2"),
+        ("x-portcullis_principal", "cgi-root"),
+        ("x_portcullis_key_id", "cgi-forged"),
     ];
     let r = get(w.proxy.addr, "/status", &forged).await;
     assert_eq!(r.status, 200);
@@ -554,7 +556,7 @@ async fn client_sent_portcullis_headers_are_removed() {
     let leaked: Vec<_> = seen
         .headers
         .keys()
-        .filter(|n| n.as_str().starts_with("x-portcullis-"))
+        .filter(|n| n.as_str().replace('_', "-").starts_with("x-portcullis-"))
         .collect();
     assert!(
         leaked.is_empty(),
@@ -582,6 +584,46 @@ async fn client_sent_portcullis_headers_are_removed() {
     assert_eq!(values("x-portcullis-principal-kind"), ["user"]);
     assert_eq!(values("x-portcullis-key-id"), [w.viewer.id.as_str()]);
     assert!(values("x-portcullis-anything").is_empty());
+}
+
+#[tokio::test]
+async fn client_forwarding_headers_are_replaced_not_trusted() {
+    let w = World::start().await;
+    let planted = [
+        ("x-forwarded-for", "10.9.9.9"),
+        ("forwarded", "for=10.9.9.9"),
+        ("x-forwarded-host", "evil.example"),
+        ("host", "api.example"),
+    ];
+    assert_eq!(get(w.proxy.addr, "/status", &planted).await.status, 200);
+    let seen = w.backend.single();
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("forwarded"), Some("for=127.0.0.1;proto=http"));
+    assert_eq!(seen.header("x-forwarded-host"), None);
+    assert_eq!(seen.header("host"), Some("api.example"));
+}
+
+#[tokio::test]
+async fn a_static_segment_before_a_catch_all_beats_parameters() {
+    // /v1/admin/{*rest} needs admin:write; /v1/{x}/{y} would be readable by every viewer.
+    let policy = POLICY.replacen(
+        "roles:",
+        "  - match: GET /v1/{area}/{item}\n    resource: datasets\n    access: read\nroles:",
+        1,
+    );
+    let backend = RecordingBackend::start().await;
+    let viewer = TestKey::new("victor");
+    let ops = TestKey::new("ops");
+    let proxy = Proxy::start(&backend.url(), &policy, &keys_yaml(&[&viewer, &ops]), "").await;
+    let call = |key: &TestKey, path: &str| {
+        let auth = format!("Bearer {}", key.key);
+        let addr = proxy.addr;
+        let path = path.to_string();
+        async move { get(addr, &path, &[("authorization", &auth)]).await.status }
+    };
+    assert_eq!(call(&viewer, "/v1/admin/users").await, 403);
+    assert_eq!(call(&ops, "/v1/admin/users").await, 200);
+    assert_eq!(call(&viewer, "/v1/reports/q3").await, 200);
 }
 
 #[tokio::test]

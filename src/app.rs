@@ -129,9 +129,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     let key_api = config.key_api.enabled.then(|| {
         Arc::new(KeyApi::new(
             config.key_api.prefix.clone(),
-            Box::new(FileRepository {
-                path: config.keys.clone(),
-            }),
+            Box::new(FileRepository::new(config.keys.clone())),
             loader.clone(),
             Box::new(move |action: KeyAction| {
                 key_audit.record(AuditEvent::KeyChange {

@@ -29,7 +29,7 @@ const MAX_BODY: usize = 64 * 1024;
 /// implement the same two operations.
 pub trait KeyRepository: Send + Sync {
     /// Reads every key entry.
-    fn read(&self) -> anyhow::Result<KeysFile>;
+    fn read(&self) -> anyhow::Result<Arc<KeysFile>>;
     /// Changes the entries under an exclusive lock, persists them atomically, and calls `apply`
     /// with the new content while still holding the lock, so the live state can never be set to
     /// an older version than another writer's.
@@ -40,15 +40,47 @@ pub trait KeyRepository: Send + Sync {
     ) -> anyhow::Result<()>;
 }
 
-/// The keys file as a repository.
+/// Size, modification time and inode: enough to tell that the file was replaced or edited.
+type Version = (u64, std::time::SystemTime, u64);
+
+/// The keys file as a repository. Reads are parsed once per file version, so listing keys does
+/// not re-read a large keys file on every request.
 pub struct FileRepository {
-    /// The keys file.
-    pub path: PathBuf,
+    path: PathBuf,
+    cache: Mutex<Option<(Version, Arc<KeysFile>)>>,
+}
+
+impl FileRepository {
+    /// A repository over the keys file at `path`.
+    pub fn new(path: PathBuf) -> Self {
+        FileRepository {
+            path,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn version(&self) -> Option<Version> {
+        let m = std::fs::metadata(&self.path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some((m.len(), m.modified().ok()?, inode))
+    }
 }
 
 impl KeyRepository for FileRepository {
-    fn read(&self) -> anyhow::Result<KeysFile> {
-        file::load(&self.path).map_err(|p| anyhow::anyhow!("{p}"))
+    fn read(&self) -> anyhow::Result<Arc<KeysFile>> {
+        let version = self.version();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(v), Some((cached, file))) = (version, cache.as_ref()) {
+            if v == *cached {
+                return Ok(file.clone());
+            }
+        }
+        let file = Arc::new(file::load(&self.path).map_err(|p| anyhow::anyhow!("{p}"))?);
+        *cache = version.map(|v| (v, file.clone()));
+        Ok(file)
     }
 
     fn update(
@@ -430,8 +462,9 @@ impl KeyApi {
         let file = self.repository.read().map_err(internal)?;
         let entry = file
             .keys
-            .into_iter()
+            .iter()
             .find(|k| k.id == id)
+            .cloned()
             .ok_or_else(not_found)?;
         authz::may(&snapshot.policy, caller, &entry.principal, Access::Read)
             .map_err(|_| not_found())?;

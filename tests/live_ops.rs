@@ -393,3 +393,27 @@ fn a_certificate_that_does_not_match_its_key_is_a_plain_config_error() {
     assert!(err.contains("does not match the certificate"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[tokio::test]
+async fn a_symlink_loop_is_reported_and_the_last_good_state_keeps_serving() {
+    let backend = RecordingBackend::start().await;
+    let victor = TestKey::new("victor");
+    let proxy = Proxy::start(
+        &backend.url(),
+        &jobs_policy(true),
+        &keys_yaml(&[&victor]),
+        "",
+    )
+    .await;
+    let policy = proxy.workspace.path("policy.yaml");
+    let other = proxy.workspace.path("policy-loop.yaml");
+    std::fs::remove_file(&policy).unwrap();
+    std::os::unix::fs::symlink(&other, &policy).unwrap();
+    std::os::unix::fs::symlink(&policy, &other).unwrap();
+    eventually("the loop is reported", PATIENCE, || async {
+        proxy.stderr().contains("symlink loop")
+    })
+    .await;
+    assert_eq!(cancel(&proxy, &victor).await, 200);
+    assert_eq!(generation(&proxy).await, 1);
+}

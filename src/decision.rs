@@ -112,6 +112,20 @@ pub fn decide<'s, 'p>(
 where
     's: 'p,
 {
+    judge(snapshot, method, path, identify(snapshot, credential, now))
+}
+
+/// Decides for an already identified caller (or the reason there is none); `explain` uses it
+/// with a key chosen by id, so it can never disagree with what the proxy does.
+pub fn judge<'s, 'p>(
+    snapshot: &'s Snapshot,
+    method: &Method,
+    path: &'p str,
+    identified: Result<Key<'s>, Reason>,
+) -> Decision<'s, 'p>
+where
+    's: 'p,
+{
     let hit = snapshot
         .policy
         .lookup(method, crate::path::match_form(path));
@@ -119,7 +133,6 @@ where
         Some(h) => (Some(h.route), h.instance),
         None => (None, None),
     };
-    let identified = identify(snapshot, credential, now);
     let mut decision = Decision {
         route,
         instance,
@@ -165,8 +178,13 @@ pub fn identify<'s>(
         Ok(None) => return Err(Reason::NoCredential),
         Err(_) => return Err(Reason::AmbiguousCredential),
     };
-    match snapshot.keys.lookup(key, now) {
-        KeyLookup::Valid(record) => Ok(record),
+    usable(snapshot.keys.lookup(key, now))
+}
+
+/// A looked-up key, or the reason it may not be used.
+pub fn usable(lookup: KeyLookup<'_>) -> Result<Key<'_>, Reason> {
+    match lookup {
+        KeyLookup::Valid(key) => Ok(key),
         KeyLookup::Unknown => Err(Reason::UnknownKey),
         KeyLookup::Inactive(_) => Err(Reason::InactiveKey),
         KeyLookup::Expired(_) => Err(Reason::ExpiredKey),

@@ -3,7 +3,7 @@
 use http::Method;
 
 use super::{resolve_files, CommandError, FileArgs};
-use crate::decision::{self, Reason};
+use crate::decision;
 use crate::keys::Key;
 use crate::path;
 use crate::policy::RouteRule;
@@ -43,78 +43,59 @@ pub fn run(
 }
 
 fn explain(snapshot: &Snapshot, key: Key<'_>, method: &Method, path: &str) -> Vec<String> {
-    let now = unix_now();
-    let state = if !key.active() {
-        Some(Reason::InactiveKey)
-    } else if key.expires().is_some_and(|e| now >= e) {
-        Some(Reason::ExpiredKey)
-    } else {
-        None
-    };
-    let hit = snapshot
-        .policy
-        .lookup(method, crate::path::match_form(path));
-    let mut reason = decision::Reason::NoRoute;
-    let mut lines = Vec::new();
-    let mut detail = Vec::new();
+    let decision = decision::judge(
+        snapshot,
+        method,
+        path,
+        decision::usable(key.state(unix_now())),
+    );
     let policy = &snapshot.policy;
-    match &hit {
-        None => detail.push(format!(
+    let verdict = if decision.reason.allows() {
+        "allow"
+    } else {
+        "deny"
+    };
+    let mut lines = vec![
+        format!("{verdict} ({})", decision.reason.as_str()),
+        format!(
+            "key: {} ({}***) of {} {}{}",
+            key.id(),
+            key.prefix(),
+            key.principal().kind.as_str(),
+            key.principal().name,
+            if key.scoped() {
+                ", narrowed by scopes"
+            } else {
+                ""
+            }
+        ),
+    ];
+    match decision.route {
+        None => lines.push(format!(
             "route: none matches {method} {path} (default deny)"
         )),
-        Some(h) => {
-            detail.push(format!(
-                "route: {} (policy line {})",
-                h.route.matcher, h.route.line
-            ));
-            match &h.route.rule {
-                RouteRule::Public => reason = Reason::Public,
-                RouteRule::Protected {
-                    resource, access, ..
-                } => {
-                    let name = policy.resource_name(*resource);
-                    let needed = match h.instance {
-                        Some(i) => format!("{name}/{i}:{access}"),
-                        None => format!("{name}:{access}"),
-                    };
-                    detail.push(format!("needs: {needed}"));
-                    match crate::policy::grant::any_allows(
-                        key.grants(),
-                        *resource,
-                        h.instance,
-                        *access,
-                    ) {
-                        Some(g) => {
-                            reason = Reason::Granted;
-                            detail.push(format!("allowed by: {}", policy.display_grant(g)));
-                        }
-                        None => {
-                            reason = Reason::Forbidden;
-                            detail.push(format!("missing: no grant of this key covers {needed}"));
-                        }
-                    }
-                }
-            }
+        Some(route) => lines.push(format!(
+            "route: {} (policy line {})",
+            route.matcher, route.line
+        )),
+    }
+    if let Some(RouteRule::Protected {
+        resource, access, ..
+    }) = decision.route.map(|r| &r.rule)
+    {
+        let name = policy.resource_name(*resource);
+        let needed = match decision.instance {
+            Some(i) => format!("{name}/{i}:{access}"),
+            None => format!("{name}:{access}"),
+        };
+        lines.push(format!("needs: {needed}"));
+        // `access` is set only once the key was usable and its grants were consulted.
+        match (decision.access, decision.grant) {
+            (_, Some(g)) => lines.push(format!("allowed by: {}", policy.display_grant(g))),
+            (Some(_), None) => lines.push(format!("missing: no grant of this key covers {needed}")),
+            (None, None) => {}
         }
     }
-    if let (Some(s), false) = (state, reason == Reason::Public) {
-        reason = s;
-    }
-    let verdict = if reason.allows() { "allow" } else { "deny" };
-    lines.push(format!("{verdict} ({})", reason.as_str()));
-    lines.push(format!(
-        "key: {} ({}***) of {} {}{}",
-        key.id(),
-        key.prefix(),
-        key.principal().kind.as_str(),
-        key.principal().name,
-        if key.scoped() {
-            ", narrowed by scopes"
-        } else {
-            ""
-        }
-    ));
-    lines.extend(detail);
     let grants: Vec<String> = key
         .grants()
         .iter()

@@ -170,6 +170,17 @@ impl<'s> Key<'s> {
     pub fn index(&self) -> u32 {
         self.index
     }
+
+    /// Whether the key may be used at `now` (Unix seconds).
+    pub fn state(self, now: i64) -> KeyLookup<'s> {
+        if !self.record.active {
+            KeyLookup::Inactive(self)
+        } else if self.record.expires != NO_TIME && now >= self.record.expires {
+            KeyLookup::Expired(self)
+        } else {
+            KeyLookup::Valid(self)
+        }
+    }
 }
 
 /// What a presented key turned out to be.
@@ -253,15 +264,9 @@ impl KeyStore {
         let found = self.by_hash.find(digest_hash(&digest), |i| {
             self.records[*i as usize].digest == digest
         });
-        let Some(key) = found.and_then(|i| self.key(*i)) else {
-            return KeyLookup::Unknown;
-        };
-        if !key.record.active {
-            KeyLookup::Inactive(key)
-        } else if key.record.expires != NO_TIME && now >= key.record.expires {
-            KeyLookup::Expired(key)
-        } else {
-            KeyLookup::Valid(key)
+        match found.and_then(|i| self.key(*i)) {
+            Some(key) => key.state(now),
+            None => KeyLookup::Unknown,
         }
     }
 

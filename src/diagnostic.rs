@@ -87,6 +87,16 @@ impl fmt::Display for FileProblems {
 
 impl std::error::Error for FileProblems {}
 
+/// A hint for an operator when a watched file cannot be read.
+pub fn read_hint(e: &std::io::Error) -> &'static str {
+    const ELOOP: i32 = 40;
+    match e.kind() {
+        std::io::ErrorKind::NotFound => " (deleted? keeping the last good state)",
+        _ if e.raw_os_error() == Some(ELOOP) => " (symlink loop)",
+        _ => "",
+    }
+}
+
 /// Turns a `marked_yaml` parse or shape error into a located problem.
 pub fn from_marked_yaml(err: &marked_yaml::FromYamlError) -> Problem {
     use marked_yaml::LoadError;

@@ -10,12 +10,13 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditEvent, Auditor};
-use crate::diagnostic::FileProblems;
+use crate::diagnostic::{self, FileProblems};
 use crate::keys::{self, KeyStore, UsageTable};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::state::{LiveState, Snapshot};
 use crate::tls::CertResolver;
+use crate::watch::{version, FileVersion};
 
 /// Which file a reload outcome is about (the `file` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,11 +138,7 @@ fn finish(
 
 fn read(path: &Path, what: &str) -> Result<String, FileProblems> {
     std::fs::read_to_string(path).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => " (deleted? keeping the last good state)",
-            _ if e.raw_os_error() == Some(40) => " (symlink loop)",
-            _ => "",
-        };
+        let hint = diagnostic::read_hint(&e);
         FileProblems::single(path, format!("cannot read {what} file: {e}{hint}"))
     })
 }
@@ -150,21 +147,11 @@ fn digest(text: &[u8]) -> [u8; 32] {
     Sha256::digest(text).into()
 }
 
-/// Size, modification time and inode of a file (through symlinks): a cheap "did it change?".
-fn fingerprint(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&m);
-    #[cfg(not(unix))]
-    let inode = 0;
-    Some((m.len(), m.modified().ok()?, inode))
-}
-
 /// What the live state was loaded from.
 struct Versions {
     policy: [u8; 32],
     keys: [u8; 32],
-    keys_fingerprint: Option<(u64, std::time::SystemTime, u64)>,
+    keys_fingerprint: Option<FileVersion>,
     tls: [u8; 32],
 }
 
@@ -201,7 +188,7 @@ impl Loader {
         audit: Auditor,
     ) -> Result<Arc<Loader>, FileProblems> {
         let usage = Arc::<UsageTable>::default();
-        let keys_fingerprint = fingerprint(&keys_path);
+        let keys_fingerprint = version(&keys_path);
         let policy_text = read(&policy_path, "policy")?;
         let loaded = compile_from(&policy_path, &policy_text, &keys_path, None, &usage, 1)
             .map_err(|(_, p)| p)?;
@@ -264,7 +251,7 @@ impl Loader {
             Err(problems) => return rejected(ReloadFile::Policy, &problems),
         };
         let policy_changed = digest(policy_text.as_bytes()) != versions.policy;
-        let keys_fingerprint = fingerprint(&self.keys_path);
+        let keys_fingerprint = version(&self.keys_path);
         if keys_fingerprint.is_none() {
             let problems = read(&self.keys_path, "keys").err();
             if let Some(problems) = problems {
@@ -287,7 +274,7 @@ impl Loader {
             Ok(l) => l,
             Err((file, problems)) => return rejected(file, &problems),
         };
-        if fingerprint(&self.keys_path) != keys_fingerprint {
+        if version(&self.keys_path) != keys_fingerprint {
             // Written to while we read it (a `cp` in progress): take the next event instead of a
             // half-written file.
             return ReloadOutcome::Unchanged;
@@ -344,7 +331,7 @@ impl Loader {
             policy_digest: versions.policy,
             keys_digest: digest(keys_text.as_bytes()),
         };
-        versions.keys_fingerprint = fingerprint(&self.keys_path);
+        versions.keys_fingerprint = version(&self.keys_path);
         self.swap(loaded, &mut versions);
         self.count(&ReloadOutcome::Applied {
             files: vec![ReloadFile::Keys],

@@ -61,7 +61,7 @@ pub fn watch(files: Vec<PathBuf>, trigger: mpsc::Sender<()>) -> FileWatch {
     };
     // Anything that changed between loading and now would otherwise go unnoticed.
     let _ = trigger.try_send(());
-    let seen: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+    let seen: Vec<Option<FileVersion>> = files.iter().map(|f| version(f)).collect();
     let poller = tokio::spawn(poll(files, seen, trigger));
     FileWatch {
         _watcher: watcher,
@@ -87,15 +87,15 @@ fn is_relevant(event: &notify::Event, names: &BTreeSet<OsString>) -> bool {
         })
 }
 
-/// What identifies a file version without reading it: size, mtime, inode (through symlinks).
-#[derive(Debug, PartialEq, Eq, Clone)]
-struct Fingerprint(Option<(u64, SystemTime, u64)>);
+/// What identifies a file version without reading it: size, modification time and inode,
+/// through symlinks. Used to notice changes cheaply (the poller, the loader, the key API cache).
+pub type FileVersion = (u64, SystemTime, u64);
 
-fn fingerprint(path: &Path) -> Fingerprint {
-    Fingerprint(std::fs::metadata(path).ok().map(|m| {
-        let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        (m.len(), modified, inode(&m))
-    }))
+/// The file's version, or `None` when it cannot be read.
+pub fn version(path: &Path) -> Option<FileVersion> {
+    let m = std::fs::metadata(path).ok()?;
+    let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    Some((m.len(), modified, inode(&m)))
 }
 
 #[cfg(unix)]
@@ -109,11 +109,11 @@ fn inode(_m: &std::fs::Metadata) -> u64 {
     0
 }
 
-async fn poll(files: Vec<PathBuf>, mut seen: Vec<Fingerprint>, trigger: mpsc::Sender<()>) {
+async fn poll(files: Vec<PathBuf>, mut seen: Vec<Option<FileVersion>>, trigger: mpsc::Sender<()>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+        let now: Vec<Option<FileVersion>> = files.iter().map(|f| version(f)).collect();
         if now != seen {
             seen = now;
             let _ = trigger.try_send(());

@@ -20,6 +20,7 @@ use crate::policy::grant::Access;
 use crate::proxy::ProxyBody;
 use crate::reload::Loader;
 use crate::state::Snapshot;
+use crate::watch::FileVersion;
 use authz::Refused;
 
 /// Largest request body accepted.
@@ -40,14 +41,11 @@ pub trait KeyRepository: Send + Sync {
     ) -> anyhow::Result<()>;
 }
 
-/// Size, modification time and inode: enough to tell that the file was replaced or edited.
-type Version = (u64, std::time::SystemTime, u64);
-
 /// The keys file as a repository. Reads are parsed once per file version, so listing keys does
 /// not re-read a large keys file on every request.
 pub struct FileRepository {
     path: PathBuf,
-    cache: Mutex<Option<(Version, Arc<KeysFile>)>>,
+    cache: Mutex<Option<(FileVersion, Arc<KeysFile>)>>,
 }
 
 impl FileRepository {
@@ -58,20 +56,11 @@ impl FileRepository {
             cache: Mutex::new(None),
         }
     }
-
-    fn version(&self) -> Option<Version> {
-        let m = std::fs::metadata(&self.path).ok()?;
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&m);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Some((m.len(), m.modified().ok()?, inode))
-    }
 }
 
 impl KeyRepository for FileRepository {
     fn read(&self) -> anyhow::Result<Arc<KeysFile>> {
-        let version = self.version();
+        let version = crate::watch::version(&self.path);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some(v), Some((cached, file))) = (version, cache.as_ref()) {
             if v == *cached {

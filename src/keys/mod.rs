@@ -649,11 +649,7 @@ pub fn compile_path(
 }
 
 fn read_problem(e: &std::io::Error) -> Problem {
-    let hint = match e.kind() {
-        std::io::ErrorKind::NotFound => " (deleted? keeping the last good state)",
-        _ if e.raw_os_error() == Some(40) => " (symlink loop)",
-        _ => "",
-    };
+    let hint = crate::diagnostic::read_hint(e);
     Problem::at(0, 0, format!("cannot read keys file: {e}{hint}"))
 }
 

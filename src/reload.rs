@@ -252,11 +252,13 @@ impl Loader {
         };
         let policy_changed = digest(policy_text.as_bytes()) != versions.policy;
         let keys_fingerprint = version(&self.keys_path);
-        if keys_fingerprint.is_none() {
-            let problems = read(&self.keys_path, "keys").err();
-            if let Some(problems) = problems {
-                return rejected(ReloadFile::Keys, &problems);
-            }
+        if let Err(e) = std::fs::metadata(&self.keys_path) {
+            let hint = diagnostic::read_hint(&e);
+            let message = format!("cannot read keys file: {e}{hint}");
+            return rejected(
+                ReloadFile::Keys,
+                &FileProblems::single(&self.keys_path, message),
+            );
         }
         if !policy_changed && keys_fingerprint == versions.keys_fingerprint {
             return ReloadOutcome::Unchanged;

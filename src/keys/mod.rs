@@ -475,7 +475,7 @@ impl<'a> StoreBuilder<'a> {
         principal: &Principal,
         problem: &dyn Fn(&str, String) -> Problem,
     ) -> Option<u32> {
-        let Some(scopes) = entry.scopes.clone() else {
+        let Some(scopes) = &entry.scopes else {
             // Most keys have no scopes: they share their principal's set, found without allocating.
             if let Some(slot) = self.unscoped_slots.get(&principal_slot) {
                 return Some(*slot);
@@ -485,33 +485,30 @@ impl<'a> StoreBuilder<'a> {
             self.unscoped_slots.insert(principal_slot, slot);
             return Some(slot);
         };
-        if let Some(slot) = self.grant_set_slots.get(&(principal_slot, scopes.clone())) {
+        let cache_key = (principal_slot, scopes.clone());
+        if let Some(slot) = self.grant_set_slots.get(&cache_key) {
             return Some(*slot);
         }
-        let grants: Arc<[Grant]> = match &entry.scopes {
-            None => principal.grants.clone(),
-            Some(list) => {
-                let mut compiled = Vec::with_capacity(list.len());
-                for scope in list {
-                    match self.policy.compile_grant(scope) {
-                        Ok(g) => compiled.push(g),
-                        Err(e) if e.contains("unknown resource") => {
-                            let message = format!("key {:?}: {e}; scope dropped", entry.id);
-                            self.warnings.push(problem("scopes", message));
-                        }
-                        Err(e) => {
-                            let message = format!("key {:?}: {e}", entry.id);
-                            self.errors.push(problem("scopes", message));
-                            return None;
-                        }
-                    }
+        let mut compiled = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            match self.policy.compile_grant(scope) {
+                Ok(g) => compiled.push(g),
+                Err(e) if e.contains("unknown resource") => {
+                    let message = format!("key {:?}: {e}; scope dropped", entry.id);
+                    self.warnings.push(problem("scopes", message));
                 }
-                grant::intersect_sets(&principal.grants, &compiled).into()
+                Err(e) => {
+                    let message = format!("key {:?}: {e}", entry.id);
+                    self.errors.push(problem("scopes", message));
+                    return None;
+                }
             }
-        };
+        }
         let slot = self.store.grant_sets.len() as u32;
-        self.store.grant_sets.push(grants);
-        self.grant_set_slots.insert((principal_slot, scopes), slot);
+        self.store
+            .grant_sets
+            .push(grant::intersect_sets(&principal.grants, &compiled).into());
+        self.grant_set_slots.insert(cache_key, slot);
         Some(slot)
     }
 

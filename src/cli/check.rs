@@ -7,7 +7,7 @@ use crate::policy;
 
 /// Runs the check; prints problems to stderr, a summary to stdout.
 pub fn run(files: &FileArgs) -> Result<(), CommandError> {
-    let (policy_path, keys_path, _config) = resolve_files(files)?;
+    let (policy_path, keys_path) = resolve_files(files)?;
     let mut reports: Vec<FileProblems> = Vec::new();
     let policy_text = std::fs::read_to_string(&policy_path).map_err(|e| {
         CommandError::Usage(format!(

@@ -18,7 +18,7 @@ pub fn run(
     method: &str,
     raw_path: &str,
 ) -> Result<(), CommandError> {
-    let (policy_path, keys_path, _) = resolve_files(files)?;
+    let (policy_path, keys_path) = resolve_files(files)?;
     let keys_path = keys_path.ok_or_else(|| CommandError::Usage("explain needs --keys".into()))?;
     let (snapshot, _) = compile_files(&policy_path, &keys_path, 1, &Default::default())
         .map_err(|(_, p)| CommandError::Usage(p.to_string()))?;

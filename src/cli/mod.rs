@@ -171,37 +171,23 @@ impl From<anyhow::Error> for CommandError {
 }
 
 /// Resolves `FileArgs` into a policy path and an optional keys path.
-pub fn resolve_files(
-    files: &FileArgs,
-) -> Result<(PathBuf, Option<PathBuf>, Option<crate::config::Config>), CommandError> {
-    if let Some(path) = &files.config {
-        let config =
-            crate::config::Config::load(path).map_err(|p| CommandError::Usage(p.to_string()))?;
-        return Ok((
-            config.policy.clone(),
-            Some(config.keys.clone()),
-            Some(config),
-        ));
+pub fn resolve_files(files: &FileArgs) -> Result<(PathBuf, Option<PathBuf>), CommandError> {
+    if let Some(policy) = &files.policy {
+        return Ok((policy.clone(), files.keys.clone()));
     }
-    match &files.policy {
-        Some(policy) => Ok((policy.clone(), files.keys.clone(), None)),
+    let default = PathBuf::from("portcullis.yaml");
+    let config_path = match &files.config {
+        Some(path) => path,
+        None if default.exists() => &default,
         None => {
-            let default = PathBuf::from("portcullis.yaml");
-            if default.exists() {
-                let config = crate::config::Config::load(&default)
-                    .map_err(|p| CommandError::Usage(p.to_string()))?;
-                Ok((
-                    config.policy.clone(),
-                    Some(config.keys.clone()),
-                    Some(config),
-                ))
-            } else {
-                Err(CommandError::Usage(
-                    "give -c portcullis.yaml or --policy FILE [--keys FILE]".into(),
-                ))
-            }
+            return Err(CommandError::Usage(
+                "give -c portcullis.yaml or --policy FILE [--keys FILE]".into(),
+            ))
         }
-    }
+    };
+    let config =
+        crate::config::Config::load(config_path).map_err(|p| CommandError::Usage(p.to_string()))?;
+    Ok((config.policy, Some(config.keys)))
 }
 
 /// Parses `90d`, `12h` (from now) or an RFC 3339 time, into an RFC 3339 UTC string.

@@ -140,9 +140,10 @@ fn whole_decision(c: &mut Criterion) {
             decision::Reason::UnknownKey,
         ),
     ];
+    let reading = path::BackendReading::default();
     let mut group = c.benchmark_group("decide");
     for (name, method, key, reason) in &cases {
-        let got = decision::decide(&snapshot, method, &item, Ok(Some(key)), NOW).reason;
+        let got = decision::decide(&snapshot, method, &item, &reading, Ok(Some(key)), NOW).reason;
         assert_eq!(got, *reason, "{name}");
         group.bench_function(*name, |b| {
             b.iter(|| {
@@ -150,6 +151,7 @@ fn whole_decision(c: &mut Criterion) {
                     &snapshot,
                     black_box(method),
                     black_box(&item),
+                    &reading,
                     Ok(Some(black_box(key.as_str()))),
                     NOW,
                 );
@@ -160,8 +162,17 @@ fn whole_decision(c: &mut Criterion) {
     // What the proxy does per request before the decision: normalise, then decide.
     group.bench_function("normalise_and_allow", |b| {
         b.iter(|| {
-            let normalised = path::normalise(black_box(&raw)).unwrap_or_default();
-            decision::decide(&snapshot, &Method::GET, &normalised, Ok(Some(&reader)), NOW).reason
+            let normalised = path::normalise_for(black_box(&raw), &reading).unwrap_or_default();
+            let credential = Ok(Some(reader.as_str()));
+            decision::decide(
+                &snapshot,
+                &Method::GET,
+                &normalised,
+                &reading,
+                credential,
+                NOW,
+            )
+            .reason
         })
     });
     group.finish();

@@ -164,7 +164,8 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         access_log: config.log.access_log,
         key_api,
         audit: audit.clone(),
-        trust_forwarded: config.trust_forwarded,
+        backend: config.backend,
+        body_timeout: config.connections.body_timeout,
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::audit::AuditConfig;
 use crate::diagnostic::{self, FileProblems, Problem};
+use crate::path::MatrixParameters;
 
 /// The config file as written.
 #[derive(Debug, Deserialize)]
@@ -32,6 +33,65 @@ struct ConfigFile {
     audit: Option<AuditConfig>,
     #[serde(default)]
     trust_forwarded: bool,
+    backend: Option<BackendFile>,
+    connections: Option<ConnectionsFile>,
+}
+
+/// `backend:` as written: how the backend may read requests differently from the proxy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendFile {
+    case_insensitive: Option<bool>,
+    format_suffixes: Option<bool>,
+    matrix_parameters: Option<String>,
+    method_override: Option<bool>,
+    underscores_in_headers: Option<bool>,
+}
+
+/// `connections:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsFile {
+    max: Option<usize>,
+    first_request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    body_timeout: Option<String>,
+}
+
+/// `backend:`: what the backend might do with a request that the proxy judges literally. Every
+/// default assumes the backend does it, so the proxy refuses (or judges every reading) rather
+/// than guesses; describe a stricter backend to turn a rule off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendConfig {
+    /// Case, `.format` suffixes and `;params`.
+    pub reading: crate::path::BackendReading,
+    /// Underscores, override headers and forwarding headers.
+    pub headers: crate::proxy::headers::HeaderRules,
+}
+
+/// `connections:`: limits on client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionsConfig {
+    /// Open client connections at most; `None` derives it from the file-descriptor limit.
+    pub max: Option<usize>,
+    /// A connection that has not completed a request head this long after it was accepted is
+    /// closed (HTTP/1 with no byte, HTTP/2 with no stream, a slow head).
+    pub first_request_timeout: Duration,
+    /// A keep-alive connection with no request in flight and no bytes for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body that pauses this long answers 408.
+    pub body_timeout: Duration,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            max: None,
+            first_request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `key_api:`: the self-service key API on the main listener.
@@ -142,6 +202,10 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Keep (append to) the client's forwarding headers: only behind a proxy you trust.
     pub trust_forwarded: bool,
+    /// How the backend may read requests; the proxy refuses what it could misread.
+    pub backend: BackendConfig,
+    /// Client connection limits and timeouts.
+    pub connections: ConnectionsConfig,
 }
 
 impl Config {
@@ -165,6 +229,8 @@ impl Config {
             key_api: KeyApiConfig::default(),
             audit: None,
             trust_forwarded: false,
+            backend: BackendConfig::default(),
+            connections: ConnectionsConfig::default(),
         }
     }
 
@@ -233,6 +299,53 @@ impl Config {
         config.log = file.log.unwrap_or_default();
         config.key_api = file.key_api.unwrap_or_default();
         config.trust_forwarded = file.trust_forwarded;
+        config.backend.headers.trust_forwarded = file.trust_forwarded;
+        if let Some(b) = &file.backend {
+            let reading = &mut config.backend.reading;
+            reading.case_insensitive = b.case_insensitive.unwrap_or(reading.case_insensitive);
+            reading.format_suffixes = b.format_suffixes.unwrap_or(reading.format_suffixes);
+            match b.matrix_parameters.as_deref() {
+                None => {}
+                Some("reject") => reading.matrix_parameters = MatrixParameters::Reject,
+                Some("strip") => reading.matrix_parameters = MatrixParameters::Strip,
+                Some("literal") => reading.matrix_parameters = MatrixParameters::Literal,
+                Some(other) => fail(
+                    "backend",
+                    format!(
+                        "backend.matrix_parameters must be reject, strip or literal, not {other:?}"
+                    ),
+                ),
+            }
+            let headers = &mut config.backend.headers;
+            headers.method_override = b.method_override.unwrap_or(headers.method_override);
+            headers.underscores = b.underscores_in_headers.unwrap_or(headers.underscores);
+        }
+        if let Some(c) = &file.connections {
+            let limits = &mut config.connections;
+            match c.max {
+                Some(0) => fail("connections", "connections.max must be at least 1".into()),
+                max => limits.max = max.or(limits.max),
+            }
+            for (name, text, slot) in [
+                (
+                    "first_request_timeout",
+                    &c.first_request_timeout,
+                    &mut limits.first_request_timeout,
+                ),
+                ("idle_timeout", &c.idle_timeout, &mut limits.idle_timeout),
+                ("body_timeout", &c.body_timeout, &mut limits.body_timeout),
+            ] {
+                if let Some(t) = text {
+                    match humantime::parse_duration(t) {
+                        Ok(d) if !d.is_zero() => *slot = d,
+                        _ => fail(
+                            "connections",
+                            format!("connections.{name}: {t:?} is not a duration like 30s"),
+                        ),
+                    }
+                }
+            }
+        }
         if let Some(mut audit) = file.audit {
             audit.resolve_paths(base);
             if let Err(messages) = audit.validate() {

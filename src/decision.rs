@@ -8,6 +8,7 @@ use http::Method;
 
 use crate::keys::credential::CredentialError;
 use crate::keys::{Key, KeyLookup};
+use crate::path::BackendReading;
 use crate::policy::grant::{self, Access, Grant};
 use crate::policy::{Route, RouteRule};
 use crate::state::Snapshot;
@@ -35,6 +36,15 @@ pub enum Reason {
     NoRoute,
     /// The path could not be normalised.
     BadPath,
+    /// The backend could read the path as another route (or instance) that the caller may not
+    /// use: a different case, a `.format` suffix or `;params` (see `backend:`).
+    AmbiguousPath,
+    /// A malformed request head: two `Host`s, conflicting hosts, a bad `Host`.
+    BadRequest,
+    /// A `_method` query parameter, which the backend may read as the method to perform.
+    MethodOverride,
+    /// A body on a method without body semantics, on a route that does not allow one.
+    BodyNotAllowed,
 }
 
 impl Reason {
@@ -51,6 +61,10 @@ impl Reason {
             Reason::Forbidden => "forbidden",
             Reason::NoRoute => "no_route",
             Reason::BadPath => "bad_path",
+            Reason::AmbiguousPath => "ambiguous_path",
+            Reason::BadRequest => "bad_request",
+            Reason::MethodOverride => "method_override",
+            Reason::BodyNotAllowed => "body_not_allowed",
         }
     }
 
@@ -86,6 +100,9 @@ pub struct Decision<'s, 'p> {
     pub key: Option<Key<'s>>,
     /// The grant that allowed it.
     pub grant: Option<&'s Grant>,
+    /// For `ambiguous_path`: the route another backend reading lands on, which the caller may
+    /// not use.
+    pub alternate: Option<&'s Route>,
 }
 
 impl Decision<'_, '_> {
@@ -97,6 +114,7 @@ impl Decision<'_, '_> {
             access: None,
             key: None,
             grant: None,
+            alternate: None,
         }
     }
 }
@@ -106,29 +124,72 @@ pub fn decide<'s, 'p>(
     snapshot: &'s Snapshot,
     method: &Method,
     path: &'p str,
+    reading: &BackendReading,
     credential: Result<Option<&str>, CredentialError>,
     now: i64,
 ) -> Decision<'s, 'p>
 where
     's: 'p,
 {
-    judge(snapshot, method, path, identify(snapshot, credential, now))
+    judge(
+        snapshot,
+        method,
+        path,
+        reading,
+        identify(snapshot, credential, now),
+    )
 }
 
 /// Decides for an already identified caller (or the reason there is none); `explain` uses it
 /// with a key chosen by id, so it can never disagree with what the proxy does.
+///
+/// The literal reading of the path decides; when it allows, every other reading the backend
+/// could apply (`reading`) must allow too, or the request is refused as `ambiguous_path`.
 pub fn judge<'s, 'p>(
     snapshot: &'s Snapshot,
     method: &Method,
     path: &'p str,
+    reading: &BackendReading,
     identified: Result<Key<'s>, Reason>,
 ) -> Decision<'s, 'p>
 where
     's: 'p,
 {
-    let hit = snapshot
-        .policy
-        .lookup(method, crate::path::match_form(path));
+    let path = crate::path::match_form(path);
+    let mut decision = judge_hit(snapshot.policy.lookup(method, path), identified);
+    if !decision.reason.allows() {
+        return decision;
+    }
+    for alternative in crate::path::alternatives(path, reading) {
+        let hit = if alternative.folded {
+            snapshot.policy.lookup_folded(method, &alternative.path)
+        } else {
+            snapshot.policy.lookup(method, &alternative.path)
+        };
+        // A reading that matches no route raises no objection: the backend has no route there
+        // that the policy knows of, and literal templates such as `/openapi.json` keep working.
+        let Some(hit) = hit else { continue };
+        let route = hit.route;
+        let other = judge_hit(Some(hit), identified);
+        if !other.reason.allows() {
+            decision.reason = Reason::AmbiguousPath;
+            decision.access = other.access.or(decision.access);
+            decision.grant = None;
+            decision.alternate = Some(route);
+            break;
+        }
+    }
+    decision
+}
+
+/// The decision for one reading: the route found for it (if any) against the caller.
+fn judge_hit<'s, 'p>(
+    hit: Option<crate::policy::RouteHit<'s, 'p>>,
+    identified: Result<Key<'s>, Reason>,
+) -> Decision<'s, 'p>
+where
+    's: 'p,
+{
     let (route, instance) = match &hit {
         Some(h) => (Some(h.route), h.instance),
         None => (None, None),
@@ -239,7 +300,15 @@ principals:
     }
 
     fn reason(s: &Snapshot, method: Method, path: &str, key: Option<&str>) -> Reason {
-        decide(s, &method, path, Ok(key), 1_800_000_000).reason
+        decide(
+            s,
+            &method,
+            path,
+            &BackendReading::default(),
+            Ok(key),
+            1_800_000_000,
+        )
+        .reason
     }
 
     #[test]
@@ -311,6 +380,7 @@ principals:
             &s,
             &Method::GET,
             "/v1/companies",
+            &BackendReading::default(),
             Err(CredentialError::Ambiguous),
             0,
         );

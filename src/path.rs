@@ -27,6 +27,179 @@ pub enum PathNotNormalisable {
     /// `..;x` or `.;x`: some servers (Tomcat, Jetty) read these as dot segments.
     #[error("dot segment with parameters")]
     DotSegmentWithParameters,
+    /// A byte outside printable ASCII: it must be percent-encoded (Spring's `StrictHttpFirewall`
+    /// refuses the same), so every backend sees the same characters.
+    #[error("a character outside printable ASCII (percent-encode it)")]
+    NotPrintableAscii,
+    /// A `;` while `backend.matrix_parameters` is `reject`: Tomcat, Jetty and Spring strip
+    /// `;params` from segments, so `/x/latest;a` may reach the handler of `/x/latest`.
+    #[error("a ';' in the path (matrix parameters are refused)")]
+    Semicolon,
+}
+
+/// What the backend does with `;params` in path segments (`backend.matrix_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatrixParameters {
+    /// Refuse any `;` in the path with 400 (the default, as Spring's `StrictHttpFirewall`).
+    #[default]
+    Reject,
+    /// The backend strips them (Tomcat, Jetty, Spring): judge the stripped reading too.
+    Strip,
+    /// The backend treats `;` as an ordinary character.
+    Literal,
+}
+
+/// How the backend might read a path differently from the proxy (`backend:` in
+/// `portcullis.yaml`). Every reading a backend could apply is judged; a request passes only
+/// when all of them are allowed, so the backend never runs a handler the key was not granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendReading {
+    /// Static segments may match in any case (Express by default, ASP.NET, Spring with
+    /// case-insensitive matching; Java's `equalsIgnoreCase` also folds `ſ`, `ı`, `İ`, `K`).
+    pub case_insensitive: bool,
+    /// A `.ext` on the last segment may be read as a format (Rails `(.:format)`, Spring's old
+    /// suffix matching): `/x/latest.json` may reach the handler of `/x/latest`.
+    pub format_suffixes: bool,
+    /// What happens to `;params`.
+    pub matrix_parameters: MatrixParameters,
+}
+
+impl Default for BackendReading {
+    fn default() -> Self {
+        BackendReading {
+            case_insensitive: true,
+            format_suffixes: true,
+            matrix_parameters: MatrixParameters::Reject,
+        }
+    }
+}
+
+/// Another way a backend may read the request path: judged against the case-folded route table
+/// when `folded`, against the ordinary one otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternative {
+    /// The path in match form as that backend would route it.
+    pub path: String,
+    /// Static segments compared case-insensitively (the path is already folded).
+    pub folded: bool,
+}
+
+/// Normalises `raw` and applies the `;` rule of `reading`.
+pub fn normalise_for(raw: &str, reading: &BackendReading) -> Result<String, PathNotNormalisable> {
+    let path = normalise(raw)?;
+    if reading.matrix_parameters == MatrixParameters::Reject && path.contains(';') {
+        return Err(PathNotNormalisable::Semicolon);
+    }
+    Ok(path)
+}
+
+/// The readings of a path in match form that a backend described by `reading` could apply
+/// besides the literal one, each combination of case folding, format-suffix and matrix-parameter
+/// stripping once. Empty (and allocation-free) for the usual lower-case path without `.` or `;`.
+pub fn alternatives(path: &str, reading: &BackendReading) -> Vec<Alternative> {
+    let strip_matrix = reading.matrix_parameters == MatrixParameters::Strip && path.contains(';');
+    let fold = reading.case_insensitive && needs_folding(path);
+    let last = path.rsplit('/').next().unwrap_or("");
+    let strip_format = reading.format_suffixes && last.get(1..).is_some_and(|l| l.contains('.'));
+    if !(strip_matrix || fold || strip_format) {
+        return Vec::new();
+    }
+    let mut out: Vec<Alternative> = Vec::new();
+    for mask in 1u8..8 {
+        let (m, f, c) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+        if (m && !strip_matrix) || (f && !strip_format) || (c && !fold) {
+            continue;
+        }
+        let mut p = if m {
+            without_matrix(path)
+        } else {
+            path.to_string()
+        };
+        if f {
+            p = without_format(&p);
+        }
+        if c {
+            p = fold_case(&p);
+        }
+        let alternative = Alternative { path: p, folded: c };
+        if alternative.path != path && !out.contains(&alternative) {
+            out.push(alternative);
+        }
+    }
+    out
+}
+
+/// Whether case folding could change how `path` matches: ASCII capitals, or an escape that may
+/// decode to one of the characters that fold into ASCII.
+fn needs_folding(path: &str) -> bool {
+    has_letter_capitals(path)
+        || path.contains("%C4%B")
+        || path.contains("%C5%BF")
+        || path.contains("%E2%84%AA")
+}
+
+/// Capitals outside percent escapes (the hex of an escape is upper case after normalisation).
+fn has_letter_capitals(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            i += 3;
+            continue;
+        }
+        if bytes[i].is_ascii_uppercase() {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Lower case, with the escaped characters that Java's `equalsIgnoreCase` folds into ASCII
+/// (`ı` and `İ` to `i`, `ſ` to `s`, the Kelvin sign to `k`) decoded to their ASCII letter.
+pub fn fold_case(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(c) = rest.chars().next() {
+        let (folded, used) = match rest.as_bytes() {
+            [b'%', b'C', b'4', b'%', b'B', b'0' | b'1', ..] => ('i', 6),
+            [b'%', b'C', b'5', b'%', b'B', b'F', ..] => ('s', 6),
+            [b'%', b'E', b'2', b'%', b'8', b'4', b'%', b'A', b'A', ..] => ('k', 9),
+            [b'%', a, b, ..] => {
+                out.push('%');
+                out.push(char::from(*a));
+                out.push(char::from(*b));
+                rest = &rest[3..];
+                continue;
+            }
+            _ => (c.to_ascii_lowercase(), c.len_utf8()),
+        };
+        out.push(folded);
+        rest = &rest[used..];
+    }
+    out
+}
+
+/// Every segment without its `;params`, as Tomcat and Jetty route it.
+fn without_matrix(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    out
+}
+
+/// The last segment cut at its first `.` (not a leading one), as Rails reads `(.:format)`.
+fn without_format(path: &str) -> String {
+    let start = path.rfind('/').map_or(0, |i| i + 1);
+    let last = &path[start..];
+    match last.get(1..).and_then(|l| l.find('.')) {
+        Some(dot) => path[..start + 1 + dot].to_string(),
+        None => path.to_string(),
+    }
 }
 
 /// The form routes are matched in: the normalised path without a trailing slash (except `/`),
@@ -49,6 +222,9 @@ pub fn normalise(raw: &str) -> Result<String, PathNotNormalisable> {
     }
     if !raw.starts_with('/') {
         return Err(PathNotNormalisable::NotAbsolute);
+    }
+    if raw.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err(PathNotNormalisable::NotPrintableAscii);
     }
     if is_already_normal(raw) {
         return Ok(raw.to_string());
@@ -178,7 +354,7 @@ mod tests {
             ("/a/%3a", "/a/%3A"),
             ("/a/...", "/a/..."),
             ("/a;x/b;y", "/a;x/b;y"),
-            ("/v1/caf\u{e9}/x/..", "/v1/caf\u{e9}/"),
+            ("/v1/caf%C3%A9/x/..", "/v1/caf%C3%A9/"),
         ];
         for (input, expected) in cases {
             assert_eq!(normalise(input).unwrap(), expected, "input {input}");
@@ -202,11 +378,85 @@ mod tests {
             ("/a/..;/b", DotSegmentWithParameters),
             ("/a/.;x/b", DotSegmentWithParameters),
             ("/a/%2e%2e;/b", DotSegmentWithParameters),
+            ("/v1/caf\u{e9}", NotPrintableAscii),
+            ("/a b", NotPrintableAscii),
+            ("/a\u{7f}", NotPrintableAscii),
         ];
         for (input, expected) in cases {
             assert_eq!(normalise(input), Err(expected), "input {input}");
         }
         assert_eq!(normalise(&"/a".repeat(5000)), Err(TooLong));
+    }
+
+    #[test]
+    fn semicolons_are_refused_unless_the_backend_is_described_otherwise() {
+        let strict = BackendReading::default();
+        assert_eq!(
+            normalise_for("/a/latest;x", &strict),
+            Err(PathNotNormalisable::Semicolon)
+        );
+        let literal = BackendReading {
+            matrix_parameters: MatrixParameters::Literal,
+            ..strict
+        };
+        assert_eq!(
+            normalise_for("/a/latest;x", &literal).unwrap(),
+            "/a/latest;x"
+        );
+    }
+
+    #[test]
+    fn alternatives_cover_every_backend_reading() {
+        let all = BackendReading {
+            matrix_parameters: MatrixParameters::Strip,
+            ..BackendReading::default()
+        };
+        let paths = |p: &str| -> Vec<(String, bool)> {
+            alternatives(p, &all)
+                .into_iter()
+                .map(|a| (a.path, a.folded))
+                .collect()
+        };
+        assert!(paths("/v1/datasets/ds_1").is_empty());
+        assert_eq!(
+            paths("/v1/datasets/LATEST"),
+            vec![("/v1/datasets/latest".into(), true)]
+        );
+        assert_eq!(
+            paths("/v1/datasets/latest.json"),
+            vec![("/v1/datasets/latest".into(), false)]
+        );
+        assert_eq!(paths("/v1/datasets/.hidden"), vec![]);
+        assert_eq!(
+            paths("/v1/datasets/latest;x"),
+            vec![("/v1/datasets/latest".into(), false)]
+        );
+        let mixed = paths("/v1/Datasets;a/Latest.JSON;b");
+        assert!(
+            mixed.contains(&("/v1/datasets/latest".into(), true)),
+            "{mixed:?}"
+        );
+        assert!(
+            mixed.contains(&("/v1/Datasets/Latest".into(), false)),
+            "{mixed:?}"
+        );
+        assert_eq!(mixed.len(), 7, "{mixed:?}");
+        assert_eq!(
+            paths("/v1/x/late%C5%BFt"),
+            vec![("/v1/x/latest".into(), true)]
+        );
+        assert_eq!(paths("/v1/x/%E2%84%AAey"), vec![("/v1/x/key".into(), true)]);
+        assert_eq!(
+            paths("/v1/x/caf%C3%A9"),
+            vec![],
+            "escapes alone are not capitals"
+        );
+        let none = BackendReading {
+            case_insensitive: false,
+            format_suffixes: false,
+            matrix_parameters: MatrixParameters::Literal,
+        };
+        assert!(alternatives("/v1/A;b/c.json", &none).is_empty());
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn compile_from(
     let keys = keys::compile_path(keys_path, &policy, previous, usage)
         .map_err(|p| (ReloadFile::Keys, FileProblems::new(keys_path, p)))?;
     finish(
+        policy_path,
         policy_text,
         policy,
         keys.compiled,
@@ -112,6 +113,7 @@ fn compile_from(
 }
 
 fn finish(
+    policy_path: &Path,
     policy_text: &str,
     policy: crate::policy::Policy,
     compiled: keys::Compiled,
@@ -119,11 +121,13 @@ fn finish(
     keys_path: &Path,
     generation: u64,
 ) -> Result<Loaded, (ReloadFile, FileProblems)> {
-    let warnings = if compiled.warnings.is_empty() {
-        Vec::new()
-    } else {
-        vec![FileProblems::new(keys_path, compiled.warnings)]
-    };
+    let mut warnings = Vec::new();
+    if !policy.warnings().is_empty() {
+        warnings.push(FileProblems::new(policy_path, policy.warnings().to_vec()));
+    }
+    if !compiled.warnings.is_empty() {
+        warnings.push(FileProblems::new(keys_path, compiled.warnings));
+    }
     Ok(Loaded {
         snapshot: Snapshot {
             generation,

@@ -24,9 +24,9 @@ routes:
     access: write
 roles:
   viewer: ["*:read", "api_keys:write"]
-  locked: ["*:read"]
+  locked: ["*:read", "api_keys:read"]
   editor: ["*:read", "*:write"]
-  admin: ["*:*"]
+  admin: ["*:*", "api_keys:manage"]
 principals:
   vera: { kind: user, roles: [viewer] }
   lou: { kind: user, roles: [locked] }

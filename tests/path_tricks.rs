@@ -336,28 +336,55 @@ async fn absolute_form_is_judged_by_its_path_only() {
     let w = World::start().await;
     refused(
         &w,
-        &raw_get("http://other.example/v1/admin/x", Some(&w.viewer)),
+        &raw_get("http://127.0.0.1/v1/admin/x", Some(&w.viewer)),
         &[403],
     )
     .await;
     refused(
         &w,
-        &raw_get("http://other.example/v1/public/../admin/x", Some(&w.viewer)),
+        &raw_get("http://127.0.0.1/v1/public/../admin/x", Some(&w.viewer)),
         &[403],
     )
     .await;
-    refused(
-        &w,
-        &raw_get("http://other.example/v1/admin/x", None),
-        &[401],
-    )
-    .await;
+    refused(&w, &raw_get("http://127.0.0.1/v1/admin/x", None), &[401]).await;
     forwarded_as(
         &w,
-        &raw_get("http://other.example/v1/datasets/ds_1", Some(&w.viewer)),
+        &raw_get("http://127.0.0.1/v1/datasets/ds_1", Some(&w.viewer)),
         "/v1/datasets/ds_1",
     )
     .await;
+    assert_eq!(
+        w.backend.requests().pop().unwrap().header("host"),
+        Some("127.0.0.1")
+    );
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_naming_another_host_than_host_is_400() {
+    // RFC 9112 §3.2.2: the target's authority wins over Host; a backend that routes by Host
+    // would serve another virtual host than the one the request line names, so refuse both.
+    let w = World::start().await;
+    for target in [
+        "http://other.example/v1/datasets/ds_1",
+        "http://127.0.0.1:1/v1/datasets/ds_1",
+    ] {
+        refused(&w, &raw_get(target, Some(&w.viewer)), &[400]).await;
+    }
+}
+
+#[tokio::test]
+async fn two_host_headers_are_400() {
+    let w = World::start().await;
+    let bytes = format!(
+        "GET /v1/datasets/ds_1 HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: internal.admin\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        w.viewer.key
+    );
+    refused(&w, bytes.as_bytes(), &[400]).await;
+    let bytes = format!(
+        "GET /v1/datasets/ds_1 HTTP/1.1\r\nHost: bad host\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        w.viewer.key
+    );
+    refused(&w, bytes.as_bytes(), &[400]).await;
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@ use crate::policy;
 
 /// Runs the check; prints problems to stderr, a summary to stdout.
 pub fn run(files: &FileArgs) -> Result<(), CommandError> {
-    let (policy_path, keys_path) = resolve_files(files)?;
+    let resolved = resolve_files(files)?;
+    let (policy_path, keys_path) = (resolved.policy, resolved.keys);
     let mut reports: Vec<FileProblems> = Vec::new();
     let policy_text = std::fs::read_to_string(&policy_path).map_err(|e| {
         CommandError::Usage(format!(
@@ -18,12 +19,17 @@ pub fn run(files: &FileArgs) -> Result<(), CommandError> {
     let compiled = policy::compile(&policy_text);
     let mut summary = String::new();
     match &compiled {
-        Ok(p) => summary.push_str(&format!(
-            "{}: ok ({} routes, {} principals)",
-            policy_path.display(),
-            p.routes().len(),
-            p.principals().count()
-        )),
+        Ok(p) => {
+            if !p.warnings().is_empty() {
+                eprintln!("{}", warnings_of(&policy_path, p.warnings()));
+            }
+            summary.push_str(&format!(
+                "{}: ok ({} routes, {} principals)",
+                policy_path.display(),
+                p.routes().len(),
+                p.principals().count()
+            ))
+        }
         Err(problems) => reports.push(FileProblems::new(&policy_path, problems.clone())),
     }
     if let (Some(keys_path), Ok(policy)) = (&keys_path, &compiled) {
@@ -48,4 +54,18 @@ pub fn run(files: &FileArgs) -> Result<(), CommandError> {
         eprintln!("{report}");
     }
     Err(CommandError::Problems(count))
+}
+
+/// Warnings shown as `file:line:column: warning: ...`; they do not fail the check.
+pub fn warnings_of(
+    path: &std::path::Path,
+    warnings: &[crate::diagnostic::Problem],
+) -> FileProblems {
+    let marked = warnings
+        .iter()
+        .map(|w| {
+            crate::diagnostic::Problem::at(w.line, w.column, format!("warning: {}", w.message))
+        })
+        .collect();
+    FileProblems::new(path, marked)
 }

@@ -18,8 +18,12 @@ pub fn run(
     method: &str,
     raw_path: &str,
 ) -> Result<(), CommandError> {
-    let (policy_path, keys_path) = resolve_files(files)?;
-    let keys_path = keys_path.ok_or_else(|| CommandError::Usage("explain needs --keys".into()))?;
+    let resolved = resolve_files(files)?;
+    let backend = resolved.backend();
+    let policy_path = resolved.policy;
+    let keys_path = resolved
+        .keys
+        .ok_or_else(|| CommandError::Usage("explain needs --keys".into()))?;
     let (snapshot, _) = compile_files(&policy_path, &keys_path, 1, &Default::default())
         .map_err(|(_, p)| CommandError::Usage(p.to_string()))?;
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
@@ -29,24 +33,31 @@ pub fn run(
         .by_id(key_id)
         .ok_or_else(|| CommandError::Usage(format!("no usable key with id {key_id:?}")))?;
     let (path_only, _query) = raw_path.split_once('?').unwrap_or((raw_path, ""));
-    let normalised = match path::normalise(path_only) {
+    let normalised = match path::normalise_for(path_only, &backend.reading) {
         Ok(p) => p,
         Err(e) => {
             println!("deny (bad_path): {raw_path:?} cannot be normalised: {e}");
             return Ok(());
         }
     };
-    for line in explain(&snapshot, key, &method, &normalised) {
+    for line in explain(&snapshot, key, &method, &normalised, &backend.reading) {
         println!("{line}");
     }
     Ok(())
 }
 
-fn explain(snapshot: &Snapshot, key: Key<'_>, method: &Method, path: &str) -> Vec<String> {
+fn explain(
+    snapshot: &Snapshot,
+    key: Key<'_>,
+    method: &Method,
+    path: &str,
+    reading: &crate::path::BackendReading,
+) -> Vec<String> {
     let decision = decision::judge(
         snapshot,
         method,
         path,
+        reading,
         decision::usable(key.state(unix_now())),
     );
     let policy = &snapshot.policy;
@@ -79,6 +90,12 @@ fn explain(snapshot: &Snapshot, key: Key<'_>, method: &Method, path: &str) -> Ve
             route.matcher, route.line
         )),
     }
+    if let Some(other) = decision.alternate {
+        lines.push(format!(
+            "but: the backend may read this path as {} (policy line {}), which this key may not use (see backend: in the README)",
+            other.matcher, other.line
+        ));
+    }
     if let Some(RouteRule::Protected {
         resource, access, ..
     }) = decision.route.map(|r| &r.rule)
@@ -92,7 +109,10 @@ fn explain(snapshot: &Snapshot, key: Key<'_>, method: &Method, path: &str) -> Ve
         // `access` is set only once the key was usable and its grants were consulted.
         match (decision.access, decision.grant) {
             (_, Some(g)) => lines.push(format!("allowed by: {}", policy.display_grant(g))),
-            (Some(_), None) => lines.push(format!("missing: no grant of this key covers {needed}")),
+            (Some(_), None) if decision.reason == decision::Reason::Forbidden => {
+                lines.push(format!("missing: no grant of this key covers {needed}"))
+            }
+            (Some(_), None) => {}
             (None, None) => {}
         }
     }

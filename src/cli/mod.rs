@@ -170,10 +170,31 @@ impl From<anyhow::Error> for CommandError {
     }
 }
 
-/// Resolves `FileArgs` into a policy path and an optional keys path.
-pub fn resolve_files(files: &FileArgs) -> Result<(PathBuf, Option<PathBuf>), CommandError> {
+/// What `FileArgs` name: a policy, maybe keys, and the config they came from (if any).
+pub struct Files {
+    /// The policy file.
+    pub policy: PathBuf,
+    /// The keys file, when one was named.
+    pub keys: Option<PathBuf>,
+    /// The process config, when `-c` (or `./portcullis.yaml`) was used.
+    pub config: Option<crate::config::Config>,
+}
+
+impl Files {
+    /// How the backend reads requests: from the config, or the defaults.
+    pub fn backend(&self) -> crate::config::BackendConfig {
+        self.config.as_ref().map(|c| c.backend).unwrap_or_default()
+    }
+}
+
+/// Resolves `FileArgs` into a policy path, an optional keys path and the config.
+pub fn resolve_files(files: &FileArgs) -> Result<Files, CommandError> {
     if let Some(policy) = &files.policy {
-        return Ok((policy.clone(), files.keys.clone()));
+        return Ok(Files {
+            policy: policy.clone(),
+            keys: files.keys.clone(),
+            config: None,
+        });
     }
     let default = PathBuf::from("portcullis.yaml");
     let config_path = match &files.config {
@@ -187,7 +208,11 @@ pub fn resolve_files(files: &FileArgs) -> Result<(PathBuf, Option<PathBuf>), Com
     };
     let config =
         crate::config::Config::load(config_path).map_err(|p| CommandError::Usage(p.to_string()))?;
-    Ok((config.policy, Some(config.keys)))
+    Ok(Files {
+        policy: config.policy.clone(),
+        keys: Some(config.keys.clone()),
+        config: Some(config),
+    })
 }
 
 /// Parses `90d`, `12h` (from now) or an RFC 3339 time, into an RFC 3339 UTC string.

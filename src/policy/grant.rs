@@ -9,6 +9,19 @@ use std::fmt;
 /// Index of a resource name in the policy's resource table.
 pub type ResourceId = u32;
 
+/// The id of `api_keys`, always the first resource a policy knows. `*` as the resource stands for
+/// every resource but this one: who may make keys is granted only by name.
+pub const API_KEYS: ResourceId = 0;
+
+/// Whether a grant's resource (`None` for `*`) includes `resource`.
+#[inline]
+fn resource_includes(mine: Option<ResourceId>, resource: ResourceId) -> bool {
+    match mine {
+        None => resource != API_KEYS,
+        Some(r) => r == resource,
+    }
+}
+
 /// `read` < `write` < `manage`; a higher level includes the lower ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Access {
@@ -115,7 +128,7 @@ impl Grant {
     #[inline]
     pub fn allows(&self, resource: ResourceId, instance: Option<&str>, access: Access) -> bool {
         self.access >= access
-            && self.resource.is_none_or(|r| r == resource)
+            && resource_includes(self.resource, resource)
             && match (&self.instance, instance) {
                 (None, _) => true,
                 (Some(mine), Some(asked)) => **mine == *asked,
@@ -126,14 +139,18 @@ impl Grant {
     /// Whether everything `other` allows, `self` allows too.
     pub fn covers(&self, other: &Grant) -> bool {
         self.access >= other.access
-            && (self.resource.is_none() || self.resource == other.resource)
+            && match other.resource {
+                None => self.resource.is_none(),
+                Some(r) => resource_includes(self.resource, r),
+            }
             && (self.instance.is_none() || self.instance == other.instance)
     }
 
     /// The grant allowing exactly what both allow, if anything.
     pub fn intersect(&self, other: &Grant) -> Option<Grant> {
         let resource = match (self.resource, other.resource) {
-            (None, r) | (r, None) => r,
+            (None, None) => None,
+            (None, Some(r)) | (Some(r), None) if r != API_KEYS => Some(r),
             (Some(a), Some(b)) if a == b => Some(a),
             _ => return None,
         };
@@ -231,6 +248,7 @@ mod tests {
     #[test]
     fn write_includes_read_and_instances_are_exact() {
         let write = g(Some(1), None, Access::Write);
+        assert_ne!(API_KEYS, 1, "tests use 1.. for ordinary resources");
         assert!(write.allows(1, None, Access::Read));
         assert!(write.allows(1, Some("x"), Access::Write));
         assert!(!write.allows(1, None, Access::Manage));
@@ -260,6 +278,29 @@ mod tests {
         assert!(any_allows(&eff, 3, None, Access::Read).is_none());
         assert!(set_within(&eff, &principal));
         assert!(set_within(&eff, &scopes));
+    }
+
+    #[test]
+    fn the_wildcard_resource_never_includes_api_keys() {
+        let everything = g(None, None, Access::Manage);
+        assert!(everything.allows(1, None, Access::Manage));
+        assert!(!everything.allows(API_KEYS, None, Access::Read));
+        assert!(!everything.allows(API_KEYS, Some("alice"), Access::Read));
+        let keys = g(Some(API_KEYS), None, Access::Write);
+        assert!(!everything.covers(&keys));
+        assert!(everything.intersect(&keys).is_none());
+        assert!(keys.intersect(&everything).is_none());
+        assert_eq!(
+            keys.intersect(&g(Some(API_KEYS), Some("a"), Access::Manage)),
+            Some(g(Some(API_KEYS), Some("a"), Access::Write))
+        );
+        assert!(!set_within(
+            std::slice::from_ref(&keys),
+            std::slice::from_ref(&everything)
+        ));
+        let both = vec![everything, keys];
+        assert_eq!(simplify(both.clone()).len(), 2);
+        assert!(any_allows(&both, API_KEYS, Some("x"), Access::Write).is_some());
     }
 
     #[test]

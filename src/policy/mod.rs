@@ -80,6 +80,8 @@ pub struct Route {
     pub line: usize,
     /// Position in the policy's route list.
     pub index: usize,
+    /// A body is accepted on methods without body semantics (`allow_body: true`).
+    pub allow_body: bool,
 }
 
 /// A route found for a request, with the instance value when the route names one.
@@ -96,7 +98,9 @@ pub struct Policy {
     resource_ids: HashMap<Box<str>, ResourceId>,
     routes: Vec<Route>,
     table: RouteTable,
+    folded: RouteTable,
     principals: HashMap<Box<str>, Arc<Principal>>,
+    warnings: Vec<Problem>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -115,8 +119,27 @@ impl Policy {
     where
         's: 'p,
     {
-        let found = self.table.find(method, path)?;
-        let route = &self.routes[found.route];
+        self.hit(self.table.find(method, path)?)
+    }
+
+    /// Finds the route for a case-folded path (see [`crate::path::fold_case`]) among the
+    /// case-folded templates: the route a case-insensitive backend would pick.
+    pub fn lookup_folded<'s, 'p>(
+        &'s self,
+        method: &Method,
+        folded_path: &'p str,
+    ) -> Option<RouteHit<'s, 'p>>
+    where
+        's: 'p,
+    {
+        self.hit(self.folded.find(method, folded_path)?)
+    }
+
+    fn hit<'s, 'p>(&'s self, found: matcher::RouteMatch<'p>) -> Option<RouteHit<'s, 'p>>
+    where
+        's: 'p,
+    {
+        let route = self.routes.get(found.route)?;
         let instance = match &route.rule {
             RouteRule::Protected {
                 instance_param: Some(name),
@@ -150,6 +173,11 @@ impl Policy {
     /// A resource's id.
     pub fn resource_id(&self, name: &str) -> Option<ResourceId> {
         self.resource_ids.get(name).copied()
+    }
+
+    /// Problems that do not make the policy invalid but that its author should hear about.
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
     }
 
     /// Resolves a grant string against this policy's resources.
@@ -191,7 +219,8 @@ pub fn compile(source: &str) -> Result<Policy, Vec<Problem>> {
         ));
     }
     let mut builder = Builder::default();
-    builder.intern(API_KEYS_RESOURCE);
+    let api_keys = builder.intern(API_KEYS_RESOURCE);
+    debug_assert_eq!(api_keys, grant::API_KEYS);
     for spec in &file.routes {
         builder.add_route(spec, &mut problems);
     }
@@ -205,8 +234,49 @@ pub fn compile(source: &str) -> Result<Policy, Vec<Problem>> {
         resource_ids: builder.resource_ids,
         routes: builder.routes,
         table: builder.table,
+        folded: builder.folded,
         principals,
+        warnings: wildcard_warnings(&file),
     })
+}
+
+/// Before 0.2, `*` as the resource also covered `api_keys`. A role or principal that grants `*`
+/// at write level or above but names no `api_keys` grant most likely relied on that to let its
+/// holders make keys; say so where the grant is written.
+fn wildcard_warnings(file: &PolicyFile) -> Vec<Problem> {
+    let lists = file
+        .roles
+        .iter()
+        .map(|(name, grants)| (format!("role {:?}", name.as_str()), grants))
+        .chain(
+            file.principals
+                .iter()
+                .map(|(name, p)| (format!("principal {:?}", name.as_str()), &p.grants)),
+        );
+    let mut warnings = Vec::new();
+    for (owner, grants) in lists {
+        let parsed: Vec<(&Spanned<String>, GrantSpec)> = grants
+            .iter()
+            .filter_map(|g| GrantSpec::parse(g).ok().map(|spec| (g, spec)))
+            .collect();
+        let names_api_keys = parsed
+            .iter()
+            .any(|(_, s)| s.resource.as_deref() == Some(API_KEYS_RESOURCE));
+        let wide = parsed
+            .iter()
+            .find(|(_, s)| s.resource.is_none() && s.access >= Access::Write);
+        if let (false, Some((text, _))) = (names_api_keys, wide) {
+            warnings.push(Problem::at_span(
+                text.span(),
+                format!(
+                    "{owner}: {:?} does not cover api_keys (who may make keys is granted by name); add \"api_keys:write\" if its holders should make their own keys",
+                    text.as_str()
+                ),
+            ));
+        }
+    }
+    warnings.sort_by_key(|p| (p.line, p.column));
+    warnings
 }
 
 #[derive(Default)]
@@ -215,6 +285,7 @@ struct Builder {
     resource_ids: HashMap<Box<str>, ResourceId>,
     routes: Vec<Route>,
     table: RouteTable,
+    folded: RouteTable,
     seen: HashMap<(Method, String), usize>,
 }
 
@@ -256,6 +327,11 @@ impl Builder {
                 problems.push(at(format!("route {method} {path} conflicts: {e}")));
                 continue;
             }
+            // Two templates that differ only in case share one folded entry: the first keeps it,
+            // and a request spelled like either is judged against both readings anyway.
+            let _ =
+                self.folded
+                    .insert(method, &crate::path::fold_case(&template.positional), index);
             self.seen.insert(key, line);
         }
         self.routes.push(Route {
@@ -264,6 +340,7 @@ impl Builder {
             rule,
             line,
             index,
+            allow_body: spec.allow_body.as_ref().is_some_and(|b| **b),
         });
     }
 

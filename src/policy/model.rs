@@ -40,6 +40,11 @@ pub struct RouteSpec {
     /// No key needed.
     #[serde(default)]
     pub public: Option<Spanned<bool>>,
+    /// The backend reads a body on this route's GET/DELETE/OPTIONS (a search endpoint, say);
+    /// without it such a body is refused, because a backend that ignores it would read it as
+    /// the next request on the connection.
+    #[serde(default)]
+    pub allow_body: Option<Spanned<bool>>,
     /// Free text for people.
     pub description: Option<String>,
 }

@@ -25,6 +25,10 @@ pub enum Refusal {
     UpstreamTimeout,
     /// `audit.fail_closed` is set and audit events cannot be kept.
     AuditUnavailable,
+    /// The client's request body was malformed or cut short (a broken chunk).
+    BrokenBody,
+    /// The client paused its request body for longer than `connections.body_timeout`.
+    StalledBody,
 }
 
 struct Problem {
@@ -40,7 +44,31 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
             StatusCode::BAD_REQUEST,
             "bad-path",
             "Bad request path",
-            "The request path cannot be normalised safely: it has invalid percent-encoding, an encoded '/' or '\\', or a NUL.".to_string(),
+            "The request path cannot be normalised safely: it has invalid percent-encoding, an encoded '/' or '\\', a NUL, a ';', or a character outside printable ASCII (percent-encode it).".to_string(),
+        ),
+        Refusal::Denied(Reason::BadRequest, _) => (
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            "The request names more than one host, or an invalid one: send one Host header that agrees with the request target.".to_string(),
+        ),
+        Refusal::Denied(Reason::MethodOverride, _) => (
+            StatusCode::BAD_REQUEST,
+            "method-override",
+            "Bad request",
+            "A '_method' query parameter is not accepted: send the request with the method you mean.".to_string(),
+        ),
+        Refusal::Denied(Reason::BodyNotAllowed, _) => (
+            StatusCode::BAD_REQUEST,
+            "body-not-allowed",
+            "Bad request",
+            "This method takes no request body here: send the request without one.".to_string(),
+        ),
+        Refusal::Denied(Reason::AmbiguousPath, _) => (
+            deny_status,
+            "ambiguous-path",
+            "Forbidden",
+            "The service behind this gateway could read this path as another route, which this API key may not use. Send the path exactly as the API documents it.".to_string(),
         ),
         Refusal::Denied(Reason::AmbiguousCredential, _) => (
             StatusCode::UNAUTHORIZED,
@@ -86,6 +114,18 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
             "unavailable",
             "Service unavailable",
             "Requests are refused while the audit trail cannot be recorded. Try again shortly.".to_string(),
+        ),
+        Refusal::BrokenBody => (
+            StatusCode::BAD_REQUEST,
+            "broken-body",
+            "Bad request",
+            "The request body was malformed or ended early.".to_string(),
+        ),
+        Refusal::StalledBody => (
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "Request timeout",
+            "The request body stopped arriving.".to_string(),
         ),
         Refusal::UpstreamTimeout => (
             StatusCode::GATEWAY_TIMEOUT,

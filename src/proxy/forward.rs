@@ -11,14 +11,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::body::{BodyFault, ClientBody};
 use super::deny::Refusal;
-use super::headers;
+use super::headers::{self, HeaderRules};
 use super::ProxyBody;
 use crate::keys::Key;
 
 /// The pooled keep-alive client to the backend.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, ClientBody>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     timeout: Duration,
@@ -34,8 +35,15 @@ pub struct ForwardContext<'a> {
     pub hop: &'a headers::Hop,
     /// The request id to pass on.
     pub request_id: &'a HeaderValue,
-    /// Whether forwarding headers from the client are kept (a trusted proxy is in front).
-    pub trust_forwarded: bool,
+    /// The `Host` to send: the client's (checked by admission), or the upstream's when absent.
+    pub host: Option<HeaderValue>,
+    /// Which client headers the backend must not see.
+    pub rules: HeaderRules,
+    /// Longest pause allowed in the client's body.
+    pub body_timeout: Duration,
+    /// Ask the backend to close the connection after this request: a body on a method without
+    /// body semantics (allowed by the route) must not be able to turn into a next request.
+    pub close_after: bool,
 }
 
 impl Upstream {
@@ -97,32 +105,48 @@ impl Upstream {
         let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         parts.uri = self.target(ctx.path, &parts.uri);
-        if !parts.headers.contains_key(header::HOST) {
-            let host = parts
+        let host = ctx.host.or_else(|| {
+            parts
                 .uri
                 .authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or_default();
-            if let Ok(v) = HeaderValue::from_str(&host) {
-                parts.headers.insert(header::HOST, v);
-            }
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(host) = host {
+            parts.headers.insert(header::HOST, host);
         }
         parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
-        headers::strip_client_identity(&mut parts.headers);
+        headers::strip_client_headers(&mut parts.headers, &ctx.rules);
         if let Some(key) = ctx.key {
             headers::set_identity(&mut parts.headers, key);
         }
-        headers::set_forwarded(&mut parts.headers, ctx.hop, ctx.trust_forwarded);
+        headers::set_forwarded(&mut parts.headers, ctx.hop, ctx.rules.trust_forwarded);
         parts
             .headers
             .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
+        if ctx.close_after {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let (body, fault) = ClientBody::new(body, ctx.body_timeout);
         let outbound = Request::from_parts(parts, body);
         let mut response =
             match tokio::time::timeout(self.timeout, self.client.request(outbound)).await {
                 Err(_) => return Err(Refusal::UpstreamTimeout),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                    // The client's own body failing is the client's fault, not the backend's.
+                    match fault.and_then(|f| f.get()) {
+                        Some(BodyFault::Broken) => return Err(Refusal::BrokenBody),
+                        Some(BodyFault::Stalled) => return Err(Refusal::StalledBody),
+                        None => {}
+                    }
+                    tracing::warn!(
+                        upstream = %self.authority,
+                        request_id = ctx.request_id.to_str().unwrap_or(""),
+                        error = %error_chain(&e),
+                        "upstream request failed"
+                    );
                     return Err(Refusal::UpstreamUnreachable);
                 }
                 Ok(Ok(r)) => r,

@@ -15,7 +15,6 @@ static X_PRINCIPAL_KIND: HeaderName = HeaderName::from_static("x-portcullis-prin
 static X_KEY_ID: HeaderName = HeaderName::from_static("x-portcullis-key-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -66,29 +65,115 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes everything a client must not pass to the backend: key-carrying credential headers and
-/// any identity headers it made up.
-pub fn strip_client_identity(headers: &mut HeaderMap) {
+/// What the backend is told to expect from the client's headers (`backend:` and
+/// `trust_forwarded` in `portcullis.yaml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderRules {
+    /// Pass headers whose names contain `_` (nginx's `underscores_in_headers`). Off by
+    /// default: CGI-style backends (wsgiref, PHP, Rack) fold `X_Forwarded_For` into
+    /// `X-Forwarded-For`, so an underscore spelling can plant any header the proxy owns.
+    pub underscores: bool,
+    /// The backend may honour method and URL override headers: remove them.
+    pub method_override: bool,
+    /// A proxy we trust sits in front: keep its forwarding and client-address headers.
+    pub trust_forwarded: bool,
+}
+
+impl Default for HeaderRules {
+    fn default() -> Self {
+        HeaderRules {
+            underscores: false,
+            method_override: true,
+            trust_forwarded: false,
+        }
+    }
+}
+
+/// Headers that make a backend perform another method or serve another path than the request
+/// line says (Symfony, Laravel, Slim, Express `method-override`, Spring's HiddenHttpMethodFilter,
+/// IIS URL Rewrite).
+const OVERRIDE_HEADERS: [&str; 7] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+];
+
+/// Headers describing the client or the original request that only a trusted proxy may set.
+/// `X-Forwarded-For`, `Forwarded` and `X-Forwarded-Proto` are then set by us.
+const FORWARDING_HEADERS: [&str; 16] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+];
+
+/// Whether a client header must not reach the backend under `rules`.
+fn forbidden(name: &str, rules: &HeaderRules) -> bool {
+    let underscore = name.as_bytes().contains(&b'_');
+    if underscore && !rules.underscores {
+        return true;
+    }
+    // Every name below starts with one of these: most headers are dismissed on one byte.
+    if !matches!(name.as_bytes().first(), Some(b'x' | b'f' | b't' | b'c')) {
+        return false;
+    }
+    if folds_to_prefix(name, "x-portcullis-") || folds_to(name, "x-api-key") {
+        return true;
+    }
+    let in_list = |list: &[&str]| list.iter().any(|owned| folds_to(name, owned));
+    if rules.method_override && in_list(&OVERRIDE_HEADERS) {
+        return true;
+    }
+    if in_list(&FORWARDING_HEADERS) {
+        // A trusted proxy writes these in their standard spelling only.
+        return !rules.trust_forwarded || underscore;
+    }
+    underscore && folds_to(name, "x-request-id")
+}
+
+/// Removes everything a client must not pass to the backend: key-carrying credentials, identity
+/// headers it made up, and (per `rules`) underscore spellings, override headers and forwarding
+/// headers it planted.
+pub fn strip_client_headers(headers: &mut HeaderMap, rules: &HeaderRules) {
     headers.remove(&X_API_KEY);
-    let authorizations: Vec<HeaderValue> = headers
+    if headers
         .get_all(header::AUTHORIZATION)
         .iter()
-        .filter(|v| !credential::is_credential_authorization(v))
-        .cloned()
-        .collect();
-    headers.remove(header::AUTHORIZATION);
-    for v in authorizations {
-        headers.append(header::AUTHORIZATION, v);
+        .any(credential::is_credential_authorization)
+    {
+        let others: Vec<HeaderValue> = headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .filter(|v| !credential::is_credential_authorization(v))
+            .cloned()
+            .collect();
+        headers.remove(header::AUTHORIZATION);
+        for v in others {
+            headers.append(header::AUTHORIZATION, v);
+        }
     }
-    // `X-Portcullis_Principal` too: CGI-style backends fold `_` into `-` (HTTP_X_PORTCULLIS_...).
-    let forged: Vec<HeaderName> = headers
+    let planted: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| {
-            folds_to_prefix(k.as_str(), "x-portcullis-") || folds_to(k.as_str(), "x-api-key")
-        })
+        .filter(|k| forbidden(k.as_str(), rules))
         .cloned()
         .collect();
-    for name in forged {
+    for name in planted {
         headers.remove(&name);
     }
 }
@@ -160,7 +245,6 @@ pub fn set_forwarded(headers: &mut HeaderMap, hop: &Hop, trust: bool) {
     if !trust {
         headers.insert(X_FORWARDED_FOR.clone(), hop.forwarded_for.clone());
         headers.insert(FORWARDED.clone(), hop.forwarded.clone());
-        headers.remove(&X_FORWARDED_HOST);
         return;
     }
     for (name, ours) in [
@@ -234,9 +318,75 @@ mod tests {
         h.insert("X-Portcullis-Whatever", "1".parse().unwrap());
         h.insert("x-portcullis_principal", "root".parse().unwrap());
         h.insert("x_api_key", "k".parse().unwrap());
-        strip_client_identity(&mut h);
+        strip_client_headers(&mut h, &HeaderRules::default());
         assert_eq!(h.len(), 1);
         assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Digest abc");
+    }
+
+    fn kept(names: &[&str], rules: HeaderRules) -> Vec<String> {
+        let mut h = HeaderMap::new();
+        for n in names {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        strip_client_headers(&mut h, &rules);
+        let mut out: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn planted_headers_go_in_every_spelling() {
+        let planted = [
+            "x_forwarded_for",
+            "x_request_id",
+            "x-real-ip",
+            "true-client-ip",
+            "x-client-ip",
+            "x-forwarded-host",
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-http-method",
+            "x-method-override",
+            "x-original-url",
+            "x-rewrite-url",
+            "some_header",
+        ];
+        let mut names = planted.to_vec();
+        names.extend(["accept", "x-request-id", "content-type", "x-custom"]);
+        let defaults = HeaderRules::default();
+        assert_eq!(
+            kept(&names, defaults),
+            vec!["accept", "content-type", "x-custom", "x-request-id"]
+        );
+        let open = HeaderRules {
+            underscores: true,
+            method_override: false,
+            trust_forwarded: true,
+        };
+        assert_eq!(
+            kept(&names, open),
+            vec![
+                "accept",
+                "content-type",
+                "some_header",
+                "true-client-ip",
+                "x-client-ip",
+                "x-custom",
+                "x-forwarded-host",
+                "x-http-method",
+                "x-http-method-override",
+                "x-method-override",
+                "x-original-url",
+                "x-real-ip",
+                "x-request-id",
+                "x-rewrite-url",
+                "x_http_method_override",
+            ],
+            "only standard spellings of trusted headers, and no underscore variant of an owned one"
+        );
     }
 
     #[test]
@@ -253,6 +403,7 @@ mod tests {
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.insert("forwarded", "for=127.0.0.1".parse().unwrap());
         h.insert("x-forwarded-host", "evil".parse().unwrap());
+        strip_client_headers(&mut h, &HeaderRules::default());
         set_forwarded(&mut h, &hop, false);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
         assert_eq!(h.get("forwarded").unwrap(), "for=192.0.2.7;proto=https");

@@ -3,6 +3,8 @@
 //! `server` accepts and serves connections (HTTP/1.1 and h2c); `service` handles one request;
 //! `forward` talks to the backend; `deny` builds every answer portcullis gives itself.
 
+pub mod admission;
+pub mod body;
 pub mod deny;
 pub mod forward;
 pub mod headers;

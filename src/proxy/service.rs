@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
 use hyper::body::Incoming;
 
+use super::admission;
 use super::deny::{self, Refusal};
 use super::forward::{ForwardContext, Upstream};
 use super::headers;
 use super::ProxyBody;
 use crate::audit::{AuditEvent, Auditor, DecisionEvent};
+use crate::config::BackendConfig;
 use crate::decision::{self, Reason};
 use crate::keyapi::KeyApi;
 use crate::keys::credential;
@@ -85,8 +88,10 @@ pub struct Service {
     pub key_api: Option<Arc<KeyApi>>,
     /// Where every decision is recorded.
     pub audit: Auditor,
-    /// Keep the client's `X-Forwarded-For`/`Forwarded` (a trusted proxy is in front).
-    pub trust_forwarded: bool,
+    /// How the backend may read requests differently (paths, headers).
+    pub backend: BackendConfig,
+    /// Longest pause allowed in a client's request body.
+    pub body_timeout: Duration,
 }
 
 /// What happened to a request, kept by index into its snapshot so recording allocates nothing.
@@ -154,13 +159,12 @@ impl Service {
         if headers::total_size(request.headers()) > self.max_header_bytes {
             return deny::respond(Refusal::HeadersTooLarge, self.deny_status, None, rid);
         }
-        let normalised = match path::normalise(request.uri().path()) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(error = %e, "refused path");
-                outcome.reason = Some(Reason::BadPath);
+        let (host, normalised) = match self.admit(&request) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                outcome.reason = Some(reason);
                 outcome.path = request.uri().path().chars().take(1024).collect();
-                let refusal = Refusal::Denied(Reason::BadPath, None);
+                let refusal = Refusal::Denied(reason, None);
                 return deny::respond(refusal, self.deny_status, None, rid);
             }
         };
@@ -189,13 +193,22 @@ impl Service {
             )
             .await;
         }
-        let decision = decision::decide(
+        let mut decision = decision::decide(
             &snapshot,
             request.method(),
             &normalised,
+            &self.backend.reading,
             credential_ref,
             now,
         );
+        let body_on_bodyless =
+            !admission::body_has_semantics(request.method()) && !request.body().is_end_stream();
+        if decision.reason.allows()
+            && body_on_bodyless
+            && !decision.route.is_some_and(|r| r.allow_body)
+        {
+            decision.reason = Reason::BodyNotAllowed;
+        }
         outcome.reason = Some(decision.reason);
         outcome.route = decision.route.map(|r| r.index);
         outcome.key = decision.key.map(|k| k.index());
@@ -225,7 +238,10 @@ impl Service {
             key: decision.key,
             hop,
             request_id,
-            trust_forwarded: self.trust_forwarded,
+            host,
+            rules: self.backend.headers,
+            body_timeout: self.body_timeout,
+            close_after: body_on_bodyless,
         };
         drop(credential);
         let sent = Instant::now();
@@ -239,18 +255,39 @@ impl Service {
                 response
             }
             Err(refusal) => {
-                let kind = if refusal == Refusal::UpstreamTimeout {
-                    "timeout"
-                } else {
-                    "connect"
+                let kind = match refusal {
+                    Refusal::UpstreamTimeout => Some("timeout"),
+                    Refusal::UpstreamUnreachable => Some("connect"),
+                    _ => None,
                 };
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[kind])
-                    .inc();
+                if let Some(kind) = kind {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[kind])
+                        .inc();
+                }
                 deny::respond(refusal, self.deny_status, None, rid)
             }
         }
+    }
+
+    /// The checks before any decision: one sane host, a path that normalises under the
+    /// backend's rules, no method override in the query. Returns the host to forward and the
+    /// normalised path.
+    fn admit(&self, request: &Request<Incoming>) -> Result<(Option<HeaderValue>, String), Reason> {
+        let host =
+            admission::host(request.uri(), request.headers()).map_err(|_| Reason::BadRequest)?;
+        let normalised =
+            path::normalise_for(request.uri().path(), &self.backend.reading).map_err(|e| {
+                tracing::debug!(error = %e, "refused path");
+                Reason::BadPath
+            })?;
+        if self.backend.headers.method_override
+            && admission::has_method_override_parameter(request.uri().query())
+        {
+            return Err(Reason::MethodOverride);
+        }
+        Ok((host, normalised))
     }
 
     fn record(
@@ -329,6 +366,8 @@ fn unreasoned(status: StatusCode) -> &'static str {
     match status {
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
         StatusCode::SERVICE_UNAVAILABLE => "audit_unavailable",
+        StatusCode::BAD_REQUEST => "bad_body",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
         _ => "refused",
     }
 }

@@ -72,8 +72,8 @@ routes:
     resource: admin
     access: write
 roles:
-  viewer: ["*:read"]
-  editor: ["*:read", "*:write"]
+  viewer: ["*:read", "api_keys:read"]
+  editor: ["*:read", "*:write", "api_keys:write"]
 principals:
   alice: { kind: user, roles: [editor] }
   victor: { kind: user, roles: [viewer] }

@@ -131,23 +131,43 @@ fn rfc3339(secs: i64) -> Option<String> {
         .ok()
 }
 
+/// Admin connections open at once at most: probes and scrapes need few, and a flood on the
+/// admin port must not take the file descriptors the proxy needs.
+const MAX_ADMIN_CONNECTIONS: usize = 128;
+/// An admin connection is closed after this long, whatever it is doing: answers are small.
+const ADMIN_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves the admin endpoints until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors or similar: back off instead of spinning.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_ADMIN_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
         let admin = admin.clone();
+        let open = open.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |request| {
                 let response = admin.respond(&request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            let _ = tokio::time::timeout(
+                ADMIN_CONNECTION_TIMEOUT,
+                builder.serve_connection(TokioIo::new(stream), svc),
+            )
+            .await;
+            open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }

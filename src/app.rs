@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::keyapi::{FileRepository, KeyAction, KeyApi};
 use crate::metrics::Metrics;
 use crate::proxy::forward::Upstream;
-use crate::proxy::server::{self, ConnectionLimits};
+use crate::proxy::server::{self, ConnectionLimits, ConnectionStats};
 use crate::proxy::service::{RequestIds, Service};
 use crate::reload::{Loader, TlsFiles};
 use crate::tls::{self, CertResolver};
@@ -83,9 +83,6 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
             .map_err(|e| RunError::Config(format!("audit: {e:#}")))?,
         None => Auditor::disabled_on(&registry),
     };
-    audit.record(AuditEvent::Start {
-        version: env!("CARGO_PKG_VERSION"),
-    });
     let tls_files = match &config.tls {
         None => None,
         Some(t) => {
@@ -170,15 +167,30 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),
         max_header_list_size: u32::try_from(config.max_header_bytes * 2).unwrap_or(u32::MAX),
-        header_read_timeout: Duration::from_secs(30),
+        first_request_timeout: config.connections.first_request_timeout,
+        idle_timeout: config.connections.idle_timeout,
+        max_connections: config
+            .connections
+            .max
+            .unwrap_or_else(server::default_max_connections),
     };
+    let connection_stats =
+        ConnectionStats::register(&registry).map_err(|e| RunError::Other(e.into()))?;
+    // Bind every listener before saying anything, so a busy port never follows a `listening`.
+    let proxy_listener = server::bind(config.listen, "proxy")
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let admin_listener = server::bind(config.admin, "admin")
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let proxy = server::announce(&proxy_listener, "proxy", acceptor.is_some())
+        .map_err(anyhow::Error::from)?;
+    let admin_addr =
+        server::announce(&admin_listener, "admin", false).map_err(anyhow::Error::from)?;
+    audit.record(AuditEvent::Start {
+        version: env!("CARGO_PKG_VERSION"),
+    });
     let file_watch = spawn_reloader(loader.clone());
-    let proxy_listener = server::bind(config.listen, "proxy", acceptor.is_some())
-        .await
-        .map_err(|e| RunError::Config(e.to_string()))?;
-    let admin_listener = server::bind(config.admin, "admin", false)
-        .await
-        .map_err(|e| RunError::Config(e.to_string()))?;
     let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin {
         state: loader.state(),
@@ -186,8 +198,6 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         registry,
         audit: audit.clone(),
     });
-    let proxy = proxy_listener.local_addr().map_err(anyhow::Error::from)?;
-    let admin_addr = admin_listener.local_addr().map_err(anyhow::Error::from)?;
     tokio::spawn(admin::serve(admin_listener, admin));
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(server::serve(
@@ -195,6 +205,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         acceptor,
         service,
         limits,
+        connection_stats,
         stop_rx,
         config.grace_period,
     ));

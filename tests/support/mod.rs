@@ -387,10 +387,27 @@ impl Proxy {
     /// Starts `portcullis run -c WS/portcullis.yaml` and waits for both `listening` lines
     /// and for `/readyz`.
     pub async fn spawn(workspace: Workspace) -> Proxy {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("run")
             .arg("-c")
-            .arg(workspace.path("portcullis.yaml"))
+            .arg(workspace.path("portcullis.yaml"));
+        Proxy::spawn_command(workspace, command).await
+    }
+
+    /// Like `spawn`, with the soft and hard open-file limit set to `nofile` (`ulimit -n`).
+    pub async fn spawn_with_fd_limit(workspace: Workspace, nofile: u32) -> Proxy {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" run -c \"$1\""))
+            .arg(BIN)
+            .arg(workspace.path("portcullis.yaml"));
+        Proxy::spawn_command(workspace, command).await
+    }
+
+    async fn spawn_command(workspace: Workspace, mut command: Command) -> Proxy {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

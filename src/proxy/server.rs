@@ -419,7 +419,7 @@ fn raise_fd_limit() -> usize {
         let wanted = max.unwrap_or(current.max(65_536)).min(1 << 20);
         if wanted > current {
             limit.current = Some(wanted);
-            if setrlimit(Resource::Nofile, limit.clone()).is_ok() {
+            if setrlimit(Resource::Nofile, limit).is_ok() {
                 return wanted as usize;
             }
         }

@@ -148,6 +148,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
                     "key change"
                 );
             }),
+            config.key_api.max_keys_per_principal,
         ))
     });
     let service = Arc::new(Service {

@@ -104,11 +104,19 @@ pub struct KeyApiConfig {
     /// `false` turns the API off (requests under the prefix then follow the policy).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Keys one principal may hold at most (creates beyond it answer 409).
+    #[serde(default = "default_max_keys")]
+    pub max_keys_per_principal: usize,
+}
+
+fn default_max_keys() -> usize {
+    100
 }
 
 impl Default for KeyApiConfig {
     fn default() -> Self {
         KeyApiConfig {
+            max_keys_per_principal: default_max_keys(),
             prefix: default_key_api_prefix(),
             enabled: true,
         }

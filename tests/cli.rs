@@ -318,11 +318,14 @@ fn keys_create_prints_only_the_key_and_keeps_other_entries_in_a_0600_file() {
     let ws = workspace_with(&[&existing]);
     let keys = ws.path("keys.yaml");
     let k = &show(&keys);
+    let policy = show(&ws.path("policy.yaml"));
     let ran = cli(&[
         "keys",
         "create",
         "--keys",
         k,
+        "--policy",
+        &policy,
         "--principal",
         "alice",
         "--scope",
@@ -836,4 +839,66 @@ async fn demo_prints_curl_lines_that_show_an_allow_a_401_and_a_403() {
         "no 403 among {curls:#?} → {statuses:?}"
     );
     child.kill().await.unwrap();
+}
+
+#[test]
+fn keys_create_refuses_scopes_beyond_the_principal_and_past_expiries() {
+    let ws = workspace_with(&[]);
+    let keys = show(&ws.path("keys.yaml"));
+    let policy = show(&ws.path("policy.yaml"));
+    let create = |extra: &[&str]| {
+        let mut args = vec!["keys", "create", "--keys", &keys, "--principal", "victor"];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    // victor is a viewer: a write scope would exceed him (the key API refuses the same).
+    let ran = create(&["--policy", &policy, "--scope", "datasets:write"]);
+    assert_eq!(ran.code, Some(64), "{}", ran.stderr);
+    assert!(ran.stderr.contains("exceeds the grants"), "{}", ran.stderr);
+    // Scopes that cannot be checked are refused rather than written unchecked.
+    let ran = create(&["--scope", "datasets:read"]);
+    assert_eq!(ran.code, Some(64), "{}", ran.stderr);
+    for past in ["2020-01-01T00:00:00Z", "0s"] {
+        let ran = create(&["--policy", &policy, "--expires", past]);
+        assert_eq!(ran.code, Some(64), "{past}: {}", ran.stderr);
+        assert!(ran.stderr.contains("not in the future"), "{}", ran.stderr);
+    }
+    let ran = create(&["--policy", &policy, "--purpose", "bad\u{7f}text"]);
+    assert_eq!(ran.code, Some(64), "{}", ran.stderr);
+    assert!(
+        !ws.read("keys.yaml").contains("victor"),
+        "nothing was written"
+    );
+    create(&["--policy", &policy, "--scope", "datasets:read"]).ok("a scope within victor");
+}
+
+#[test]
+fn no_message_echoes_a_whole_key() {
+    let victor = TestKey::new("victor");
+    let ws = workspace_with(&[&victor]);
+    let keys = show(&ws.path("keys.yaml"));
+    let policy = show(&ws.path("policy.yaml"));
+    let secret_part = &victor.key[12..];
+    for args in [
+        vec![
+            "explain",
+            "--policy",
+            &policy,
+            "--keys",
+            &keys,
+            "--key-id",
+            &victor.key,
+            "GET",
+            "/v1/datasets",
+        ],
+        vec!["keys", "deactivate", "--keys", &keys, &victor.key],
+        vec!["keys", "rotate", "--keys", &keys, &victor.key],
+        vec!["keys", "revoke", "--keys", &keys, &victor.key],
+    ] {
+        let ran = cli(&args);
+        assert_ne!(ran.code, Some(0), "{args:?}");
+        let all = format!("{}{}", ran.stdout, ran.stderr);
+        assert!(!all.contains(secret_part), "{args:?} echoed the key: {all}");
+        assert!(all.contains("whole key"), "{args:?}: {all}");
+    }
 }

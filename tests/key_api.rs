@@ -444,3 +444,118 @@ async fn weak_keys_cannot_revive_or_extend_stronger_ones_and_absurd_times_are_re
     .await;
     assert_eq!(r.status, 413);
 }
+
+#[tokio::test]
+async fn the_wildcard_resource_never_lets_an_editor_make_keys() {
+    // `editor: ["*:read", "*:write"]` names no api_keys grant: `*` does not cover it.
+    let backend = RecordingBackend::start().await;
+    let ed = TestKey::new("ed");
+    let proxy = Proxy::start(&backend.url(), POLICY_TEXT, &keys_yaml(&[&ed]), "").await;
+    let auth = format!("Bearer {}", ed.key);
+    let resp = send(
+        proxy.addr,
+        "POST",
+        PREFIX,
+        &[("authorization", &auth)],
+        "{}",
+    )
+    .await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert!(resp.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("api_keys:write"));
+    let list = send(proxy.addr, "GET", PREFIX, &[("authorization", &auth)], "").await;
+    assert_eq!(list.status, 403);
+    // ...while the same role still writes datasets.
+    let put = send(
+        proxy.addr,
+        "PUT",
+        "/v1/datasets/x",
+        &[("authorization", &auth)],
+        "{}",
+    )
+    .await;
+    assert_eq!(put.status, 200);
+    // And `check` says where the policy relied on the old reading, without failing.
+    let ran = std::process::Command::new(BIN)
+        .args(["check", "--policy"])
+        .arg(proxy.workspace.path("policy.yaml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(ran.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("does not cover api_keys"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn hostile_text_is_refused_and_the_keys_file_stays_loadable() {
+    let api = Api::start().await;
+    let before = api.proxy.workspace.read("keys.yaml");
+    for body in [
+        json!({"purpose": "a\u{7f}b"}),
+        json!({"purpose": "a\u{85}b"}),
+        json!({"purpose": "line\nbreak"}),
+        json!({"purpose": "\u{202e}txt.exe"}),
+        json!({"purpose": "x".repeat(257)}),
+        json!({"scopes": ["datasets/a\u{9f}:read"]}),
+        json!({"scopes": vec!["datasets:read"; 33]}),
+    ] {
+        let resp = api.create(&api.vera.key, body.clone()).await;
+        assert_eq!(resp.status, 400, "{body}: {}", resp.text());
+    }
+    assert_eq!(
+        api.proxy.workspace.read("keys.yaml"),
+        before,
+        "nothing was written"
+    );
+    // Every later change still works, and so does `check`.
+    let ok = api
+        .create(&api.vera.key, json!({"purpose": "Café – 数据 \"quoted\""}))
+        .await;
+    assert_eq!(ok.status, 201, "{}", ok.text());
+    let ran = std::process::Command::new(BIN)
+        .args(["check", "--policy"])
+        .arg(api.proxy.workspace.path("policy.yaml"))
+        .arg("--keys")
+        .arg(api.proxy.workspace.path("keys.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_principal_cannot_hold_more_keys_than_the_quota() {
+    let backend = RecordingBackend::start().await;
+    let vera = TestKey::new("vera");
+    let proxy = Proxy::start(
+        &backend.url(),
+        POLICY_TEXT,
+        &keys_yaml(&[&vera]),
+        "key_api:\n  max_keys_per_principal: 3\n",
+    )
+    .await;
+    let auth = format!("Bearer {}", vera.key);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            send(
+                proxy.addr,
+                "POST",
+                PREFIX,
+                &[("authorization", &auth)],
+                "{}",
+            )
+            .await
+            .status,
+        );
+    }
+    assert_eq!(statuses, vec![201, 201, 409, 409]);
+}

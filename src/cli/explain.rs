@@ -28,10 +28,12 @@ pub fn run(
         .map_err(|(_, p)| CommandError::Usage(p.to_string()))?;
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .map_err(|_| CommandError::Usage(format!("{method:?} is not an HTTP method")))?;
-    let key = snapshot
-        .keys
-        .by_id(key_id)
-        .ok_or_else(|| CommandError::Usage(format!("no usable key with id {key_id:?}")))?;
+    let key = snapshot.keys.by_id(key_id).ok_or_else(|| {
+        CommandError::Usage(format!(
+            "no usable key with id {}",
+            crate::keys::secret::shown_id(key_id)
+        ))
+    })?;
     let (path_only, _query) = raw_path.split_once('?').unwrap_or((raw_path, ""));
     let normalised = match path::normalise_for(path_only, &backend.reading) {
         Ok(p) => p,

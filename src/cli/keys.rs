@@ -9,20 +9,18 @@ use std::path::Path;
 use super::{expiry_from, format_time, CommandError, KeysArgs, KeysCommand};
 use crate::audit::AuditEvent;
 use crate::config::Config;
+use crate::keys::entry;
 use crate::keys::file::{self, KeyEntry};
 use crate::keys::secret;
 use crate::policy;
 
 /// Runs a keys subcommand; with `-c`, every change is also an audit event.
 pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
-    let audit = match &args.config {
+    let config = match &args.config {
         None => None,
-        Some(path) => {
-            Config::load(path)
-                .map_err(|p| CommandError::Usage(p.to_string()))?
-                .audit
-        }
+        Some(path) => Some(Config::load(path).map_err(|p| CommandError::Usage(p.to_string()))?),
     };
+    let audit = config.as_ref().and_then(|c| c.audit.clone());
     let record = |action: &'static str, target_key_id: &str, target_principal: &str| {
         if let Some(audit) = &audit {
             let event = AuditEvent::KeyChange {
@@ -48,8 +46,16 @@ pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
             expires,
             policy,
         } => {
-            if let Some(policy_path) = policy {
-                check_against_policy(policy_path, principal, scopes)?;
+            match policy.clone().or_else(|| config.as_ref().map(|c| c.policy.clone())) {
+                Some(policy_path) => check_against_policy(&policy_path, principal, scopes)?,
+                None if !scopes.is_empty() => {
+                    return Err(CommandError::Usage(format!(
+                        "give --policy (or -c) so the scopes can be checked against {principal:?}'s grants"
+                    )))
+                }
+                None => eprintln!(
+                    "warning: no --policy given: {principal:?} is not checked against a policy"
+                ),
             }
             let key = create(keys, principal, scopes, purpose.clone(), expires.as_deref())?;
             record("key_create", &key[4..12], principal);
@@ -69,11 +75,10 @@ pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
         }
         KeysCommand::Revoke(t) => {
             let (principal, _) = file::update(&t.keys, |f| {
-                let index = f
-                    .keys
-                    .iter()
-                    .position(|k| k.id == t.id)
-                    .ok_or_else(|| anyhow::anyhow!("no key with id {:?}", t.id))?;
+                let index =
+                    f.keys.iter().position(|k| k.id == t.id).ok_or_else(|| {
+                        anyhow::anyhow!("no key with id {}", secret::shown_id(&t.id))
+                    })?;
                 Ok(f.keys.remove(index).principal)
             })?;
             record("key_revoke", &t.id, &principal);
@@ -99,9 +104,15 @@ pub fn create(
 ) -> Result<String, CommandError> {
     let now = time::OffsetDateTime::now_utc();
     let expires = expires
-        .map(|e| expiry_from(e, now))
+        .map(|e| future_expiry(e, now))
         .transpose()
         .map_err(CommandError::Usage)?;
+    entry::check_name("principal", principal).map_err(|e| CommandError::Usage(e.to_string()))?;
+    entry::check_scopes(scopes).map_err(|e| CommandError::Usage(e.to_string()))?;
+    if let Some(p) = &purpose {
+        entry::check_text("purpose", p, entry::MAX_PURPOSE_CHARS)
+            .map_err(|e| CommandError::Usage(e.to_string()))?;
+    }
     for scope in scopes {
         crate::policy::grant::GrantSpec::parse(scope)
             .map_err(|e| CommandError::Usage(e.to_string()))?;
@@ -130,6 +141,21 @@ pub fn create(
     Ok(new.secret)
 }
 
+/// An expiry that lies in the future: a key made already expired is a mistake, not a key.
+pub fn future_expiry(text: &str, now: time::OffsetDateTime) -> Result<String, String> {
+    let expires = expiry_from(text, now)?;
+    let at = crate::keys::parse_time(&expires)?;
+    if at <= now.unix_timestamp() {
+        return Err(format!(
+            "--expires {text:?} is not in the future: the key would never work"
+        ));
+    }
+    Ok(expires)
+}
+
+/// The same no-escalation rule the key API applies to a target principal: the principal exists
+/// and every scope lies within its grants. (The CLI runs with file access, so there is no
+/// calling key to stay within.)
 fn check_against_policy(
     policy_path: &Path,
     principal: &str,
@@ -140,14 +166,19 @@ fn check_against_policy(
     let policy = policy::compile(&text).map_err(|p| {
         CommandError::Usage(crate::diagnostic::FileProblems::new(policy_path, p).to_string())
     })?;
-    if policy.principal(principal).is_none() {
+    let Some(target) = policy.principal(principal) else {
         return Err(CommandError::Usage(format!(
             "principal {principal:?} is not in {}",
             policy_path.display()
         )));
-    }
+    };
     for scope in scopes {
-        policy.compile_grant(scope).map_err(CommandError::Usage)?;
+        let grant = policy.compile_grant(scope).map_err(CommandError::Usage)?;
+        if !crate::policy::grant::set_within(std::slice::from_ref(&grant), &target.grants) {
+            return Err(CommandError::Usage(format!(
+                "scope {scope:?} exceeds the grants of principal {principal:?}: a key never does more than its principal"
+            )));
+        }
     }
     Ok(())
 }
@@ -158,7 +189,7 @@ fn set_active(keys: &Path, id: &str, active: bool) -> Result<String, CommandErro
             .keys
             .iter_mut()
             .find(|k| k.id == id)
-            .ok_or_else(|| anyhow::anyhow!("no key with id {id:?}"))?;
+            .ok_or_else(|| anyhow::anyhow!("no key with id {}", secret::shown_id(id)))?;
         entry.active = active;
         Ok(entry.principal.clone())
     })?;
@@ -185,7 +216,7 @@ pub fn rotate(
             .keys
             .iter_mut()
             .find(|k| k.id == id)
-            .ok_or_else(|| anyhow::anyhow!("no key with id {id:?}"))?;
+            .ok_or_else(|| anyhow::anyhow!("no key with id {}", secret::shown_id(id)))?;
         let successor = old.rotate_to(&new, created, old_expiry);
         let principal = successor.principal.clone();
         f.keys.push(successor);

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::cli::{expiry_from, format_time};
+use crate::keys::entry;
 use crate::keys::file::{self, KeyEntry, KeysFile};
 use crate::keys::{secret, Key};
 use crate::policy::grant::Access;
@@ -106,6 +107,7 @@ pub struct KeyApi {
     loader: Arc<Loader>,
     write_lock: Mutex<()>,
     on_action: Box<dyn Fn(KeyAction) + Send + Sync>,
+    max_keys_per_principal: usize,
 }
 
 /// An answer plus the action to audit, if the request was one.
@@ -159,6 +161,7 @@ impl KeyApi {
         repository: Box<dyn KeyRepository>,
         loader: Arc<Loader>,
         on_action: Box<dyn Fn(KeyAction) + Send + Sync>,
+        max_keys_per_principal: usize,
     ) -> Self {
         KeyApi {
             prefix: prefix.trim_end_matches('/').to_string(),
@@ -166,6 +169,7 @@ impl KeyApi {
             loader,
             write_lock: Mutex::new(()),
             on_action,
+            max_keys_per_principal,
         }
     }
 
@@ -355,6 +359,13 @@ impl KeyApi {
             .principal(target)
             .ok_or_else(|| bad_request(format!("unknown principal {target:?}")))?
             .clone();
+        if let Some(p) = &purpose {
+            entry::check_text("purpose", p, entry::MAX_PURPOSE_CHARS)
+                .map_err(|e| bad_request(e.to_string()))?;
+        }
+        if let Some(s) = &scopes {
+            entry::check_scopes(s).map_err(|e| bad_request(e.to_string()))?;
+        }
         let now = time::OffsetDateTime::now_utc();
         let expires = expires
             .map(|e| expiry_from(&e, now))
@@ -362,7 +373,8 @@ impl KeyApi {
             .map_err(bad_request)?;
         let created = format_time(now).map_err(internal)?;
         let new = secret::generate();
-        let mut outcome: Result<KeyEntry, ApiError> = Err(internal("not run"));
+        let max_keys = self.max_keys_per_principal;
+        let mut outcome: Option<Result<KeyEntry, ApiError>> = None;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let written = self.repository.update(
             &mut |f: &mut KeysFile| {
@@ -380,10 +392,18 @@ impl KeyApi {
                 ) {
                     Ok(s) => s,
                     Err(r) => {
-                        outcome = Err(r.into());
+                        outcome = Some(Err(r.into()));
                         anyhow::bail!("refused");
                     }
                 };
+                if f.keys.iter().filter(|k| k.principal == target).count() >= max_keys {
+                    outcome = Some(Err(ApiError::Problem(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!("principal {target:?} already holds {max_keys} keys, the most allowed; revoke unused keys first"),
+                    )));
+                    anyhow::bail!("quota");
+                }
                 let entry = KeyEntry::for_new_key(
                     &new,
                     target,
@@ -393,15 +413,16 @@ impl KeyApi {
                     expires.clone(),
                 );
                 f.keys.push(entry.clone());
-                outcome = Ok(entry);
+                outcome = Some(Ok(entry));
                 Ok(())
             },
             &mut |text| self.apply(text),
         );
         let entry = match (written, outcome) {
-            (Ok(()), Ok(entry)) => entry,
-            (_, Err(e)) => return Err(e),
-            (Err(e), Ok(_)) => return Err(internal(e)),
+            (Ok(()), Some(Ok(entry))) => entry,
+            (_, Some(Err(e))) => return Err(e),
+            (Err(e), _) => return Err(internal(e)),
+            (Ok(()), None) => return Err(internal("the change was not run")),
         };
         let mut json = key_object(&entry, self.loader.state().load().keys.by_id(&entry.id));
         json["key"] = serde_json::Value::from(new.secret);
@@ -621,7 +642,8 @@ impl KeyApi {
             .keys
             .by_id(id)
             .map_or(String::new(), |k| k.principal().name.to_string());
-        self.audit(action, caller, (id, &principal), result);
+        let id = secret::mask_in_path(id);
+        self.audit(action, caller, (&id, &principal), result);
     }
 }
 

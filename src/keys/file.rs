@@ -7,106 +7,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
+pub use super::entry::{KeyEntry, KeysFile};
 use crate::diagnostic::{self, FileProblems, Problem};
-
-/// The whole keys file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeysFile {
-    /// Format version; only `1` exists.
-    pub version: u32,
-    /// Every key, in file order.
-    #[serde(default)]
-    pub keys: Vec<KeyEntry>,
-}
-
-/// One key's record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyEntry {
-    /// Public identifier, unique.
-    pub id: String,
-    /// The key's first 10 characters, for display.
-    pub prefix: String,
-    /// `sha256:<64 hex>` of the whole key.
-    pub hash: String,
-    /// Owner.
-    pub principal: String,
-    /// Optional narrowing grants.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scopes: Option<Vec<String>>,
-    /// What the key is for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub purpose: Option<String>,
-    /// Inactive keys answer 401.
-    #[serde(default = "default_active")]
-    pub active: bool,
-    /// RFC 3339.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created: Option<String>,
-    /// RFC 3339; past it the key answers 401.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires: Option<String>,
-}
-
-impl KeyEntry {
-    /// The entry for a freshly made key.
-    pub fn for_new_key(
-        new: &super::secret::NewKey,
-        principal: &str,
-        scopes: Option<Vec<String>>,
-        purpose: Option<String>,
-        created: String,
-        expires: Option<String>,
-    ) -> KeyEntry {
-        KeyEntry {
-            id: new.id.clone(),
-            prefix: new.prefix.clone(),
-            hash: new.hash.clone(),
-            principal: principal.to_string(),
-            scopes,
-            purpose,
-            active: true,
-            created: Some(created),
-            expires,
-        }
-    }
-
-    /// Rotation: this entry's successor for `new` (same owner, scopes, purpose and expiry),
-    /// while this entry now expires at `old_expiry`, or earlier if it already would: an overlap
-    /// never revives or extends the old key.
-    pub fn rotate_to(
-        &mut self,
-        new: &super::secret::NewKey,
-        created: String,
-        old_expiry: String,
-    ) -> KeyEntry {
-        let successor = KeyEntry::for_new_key(
-            new,
-            &self.principal,
-            self.scopes.clone(),
-            self.purpose.clone(),
-            created,
-            self.expires.clone(),
-        );
-        let keeps_earlier = self.expires.as_deref().is_some_and(|current| {
-            match (super::parse_time(current), super::parse_time(&old_expiry)) {
-                (Ok(current), Ok(proposed)) => current < proposed,
-                _ => false,
-            }
-        });
-        if !keeps_earlier {
-            self.expires = Some(old_expiry);
-        }
-        successor
-    }
-}
-
-fn default_active() -> bool {
-    true
-}
 
 /// Parses keys-file text: the fast reader for the usual shapes, serde_yaml for the rest.
 pub fn parse(source: &str) -> Result<KeysFile, Problem> {
@@ -171,12 +73,29 @@ pub fn locate(source: &str, index: usize, field: Option<&str>) -> (usize, usize)
         .map_or((1, 1), |m| (m.line(), m.column()))
 }
 
-/// Replaces `path` with `file` atomically, mode 0600.
-pub fn write_atomic(path: &Path, file: &KeysFile) -> std::io::Result<()> {
-    write_text_atomic(path, &render(file))
+/// Replaces `path` with `file` atomically, mode 0600, after reading the new file back: a file
+/// this writer produced always loads, and a failed write leaves the old file in place.
+pub fn write_atomic(path: &Path, file: &KeysFile) -> anyhow::Result<String> {
+    let text = render(file);
+    write_text_atomic(path, &text, &|written| {
+        let back = parse(written).map_err(|p| p.message)?;
+        if back.keys == file.keys {
+            Ok(())
+        } else {
+            Err("the file read back differs from what was written".into())
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(text)
 }
 
-fn write_text_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to a temporary file beside `path`, syncs it, reads it back through `verify`,
+/// and only then renames it over `path`.
+fn write_text_atomic(
+    path: &Path,
+    text: &str,
+    verify: &dyn Fn(&str) -> Result<(), String>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -188,6 +107,13 @@ fn write_text_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     set_private(tmp.as_file())?;
     tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
+    let written = std::fs::read_to_string(tmp.path())?;
+    verify(&written).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("refusing to replace the keys file: {e}"),
+        )
+    })?;
     tmp.persist(path).map_err(|e| e.error)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -247,9 +173,7 @@ pub fn update_then<T>(
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
     let out = change(&mut file)?;
-    let text = render(&file);
-    write_text_atomic(path, &text)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let text = write_atomic(path, &file)?;
     after_write(&text)?;
     drop(lock);
     Ok((out, file))

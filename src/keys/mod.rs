@@ -9,6 +9,7 @@
 //! grants share one grant set.
 
 pub mod credential;
+pub mod entry;
 pub mod file;
 pub mod reader;
 pub mod secret;
@@ -26,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::diagnostic::Problem;
 use crate::policy::grant::{self, Grant};
 use crate::policy::{Policy, Principal};
-use file::KeyEntry;
+use entry::KeyEntry;
 use reader::{EntryLines, ReadError};
 
 /// A key's call count and last use, shared across reloads so counts survive a keys-file change.

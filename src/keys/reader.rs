@@ -9,7 +9,7 @@
 
 use std::io::BufRead;
 
-use super::file::{KeyEntry, KeysFile};
+use super::entry::{forbidden_char, KeyEntry, KeysFile};
 
 /// Where an entry's fields are, for error messages (1-based lines; 0 when absent).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -449,10 +449,32 @@ fn closing_quote(text: &str, quote: char) -> Option<usize> {
     None
 }
 
+/// A double-quoted scalar valid as both JSON and YAML: `"` and `\\` escaped, and every character
+/// YAML would refuse or fold (controls, DEL, C1, line separators, BOM) as `\\uXXXX`. Validation
+/// keeps such characters out of stored fields; this keeps a file written by hand-edited entries
+/// readable anyway.
+fn quote(text: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if forbidden_char(c) && u32::from(c) <= 0xFFFF => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Writes the canonical form: every value a JSON string (valid YAML), one field per line.
 pub fn render(file: &KeysFile) -> String {
     use std::fmt::Write;
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
+    let q = |s: &str| quote(s);
     let mut out = String::with_capacity(64 + file.keys.len() * 260);
     out.push_str("# portcullis keys: SHA-256 hashes only, never a plaintext key.\n");
     out.push_str("# Managed by `portcullis keys ...` and the key API; hand edits are fine.\n");

@@ -94,6 +94,43 @@ const HEX_VALUES: [u8; 256] = {
     table
 };
 
+/// Whether `text` looks like a whole key rather than an id, so it must never be echoed.
+pub fn looks_like_key(text: &str) -> bool {
+    text.starts_with(KEY_PREFIX) && text.len() > 4 + 8
+}
+
+/// An id argument as messages may show it: quoted, or a placeholder when it is a whole key.
+pub fn shown_id(text: &str) -> String {
+    if looks_like_key(text) {
+        format!(
+            "{}*** (that is a whole key, not its id: the id is the 8 characters after \"{KEY_PREFIX}\")",
+            &text[..DISPLAY_PREFIX_LEN.min(text.len())]
+        )
+    } else {
+        let short: String = text.chars().take(64).collect();
+        format!("{short:?}")
+    }
+}
+
+/// `path` with every segment that looks like a whole key cut to its display prefix, for the
+/// audit trail and logs: a client that pastes its key into a URL must not leave it there.
+pub fn mask_in_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains(KEY_PREFIX) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let masked: Vec<String> = path
+        .split('/')
+        .map(|segment| match segment.find(KEY_PREFIX) {
+            Some(at) if looks_like_key(&segment[at..]) => {
+                let end = (at + DISPLAY_PREFIX_LEN).min(segment.len());
+                format!("{}***", &segment[..end])
+            }
+            _ => segment.to_string(),
+        })
+        .collect();
+    std::borrow::Cow::Owned(masked.join("/"))
+}
+
 /// The prefix as shown to people: `pcs_k7Hq2m***`.
 pub fn masked(prefix: &str) -> String {
     format!("{prefix}***")
@@ -114,6 +151,25 @@ mod tests {
         assert_eq!(&a.secret[4..12], a.id);
         assert_eq!(a.prefix, &a.secret[..10]);
         assert_eq!(parse_hash(&a.hash), Some(digest(&a.secret)));
+    }
+
+    #[test]
+    fn a_whole_key_is_never_shown_back() {
+        let key = generate();
+        let shown = shown_id(&key.secret);
+        assert!(
+            !shown.contains(&key.secret[DISPLAY_PREFIX_LEN..]),
+            "{shown}"
+        );
+        assert!(shown.starts_with(&key.prefix));
+        assert_eq!(shown_id(&key.id), format!("{:?}", key.id));
+        let path = format!("/_portcullis/v1/keys/{}/rotate", key.secret);
+        let masked = mask_in_path(&path);
+        assert_eq!(
+            masked,
+            format!("/_portcullis/v1/keys/{}***/rotate", key.prefix)
+        );
+        assert_eq!(mask_in_path("/v1/datasets/ds_1"), "/v1/datasets/ds_1");
     }
 
     #[test]

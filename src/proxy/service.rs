@@ -349,7 +349,7 @@ impl Service {
                 target: "portcullis::access",
                 request_id = request_id.to_str().unwrap_or(""),
                 method = method.as_str(),
-                path = outcome.path.as_str(),
+                path = &*crate::keys::secret::mask_in_path(&outcome.path),
                 route = route.map_or("", |r| &*r.template),
                 decision,
                 reason,
@@ -392,13 +392,13 @@ fn decision_event(
             .map_or_else(|| unreasoned(status), Reason::as_str),
         status: status.as_u16(),
         method: method.as_str().to_string(),
-        path: outcome.path.clone(),
+        path: crate::keys::secret::mask_in_path(&outcome.path).into_owned(),
         route: route.map(|r| r.template.to_string()),
         resource: (!resource.is_empty()).then(|| resource.to_string()),
         instance: outcome
             .instance
             .and_then(|(a, b)| outcome.path.get(a..b))
-            .map(str::to_string),
+            .map(|i| crate::keys::secret::mask_in_path(i).into_owned()),
         access: outcome.access.map(Access::as_str),
         key_id: key.map(|k| k.id().to_string()),
         key_prefix: key.map(|k| k.prefix().to_string()),

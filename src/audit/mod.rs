@@ -773,6 +773,23 @@ pub fn record_once(config: &AuditConfig, event: AuditEvent) -> anyhow::Result<()
     Ok(())
 }
 
+/// Renders `event` the way the syslog sink (RFC 5424, at most `max_bytes`) and the JSON-lines
+/// sink do, without any I/O: what the fuzz target and property tests drive.
+pub fn render_event(
+    event: AuditEvent,
+    hostname: &str,
+    sd_id: &str,
+    max_bytes: usize,
+) -> (Vec<u8>, String) {
+    let formatter = rfc5424::Formatter::new("fuzzboot", 10, hostname, sd_id, max_bytes);
+    let stamped = event::Stamped {
+        seq: 1,
+        time: time::OffsetDateTime::UNIX_EPOCH,
+        event,
+    };
+    (formatter.syslog(&stamped), formatter.json(&stamped))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -422,7 +422,7 @@ impl Loader {
             .set(snapshot.generation as i64);
         self.metrics
             .last_reload_success
-            .set(crate::proxy::service::unix_now() as f64);
+            .set(crate::clock::unix_now() as f64);
     }
 }
 

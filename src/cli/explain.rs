@@ -3,11 +3,11 @@
 use http::Method;
 
 use super::{resolve_files, CommandError, FileArgs};
+use crate::clock::unix_now;
 use crate::decision;
 use crate::keys::Key;
 use crate::path;
 use crate::policy::RouteRule;
-use crate::proxy::service::unix_now;
 use crate::reload::compile_files;
 use crate::state::Snapshot;
 

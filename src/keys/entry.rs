@@ -113,6 +113,15 @@ fn default_active() -> bool {
     true
 }
 
+/// One change to a set of keys, as a store's change feed delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The entry was added, or replaced the entry with its id.
+    Upsert(KeyEntry),
+    /// The key with this id was removed (revoked).
+    Remove(String),
+}
+
 /// Why a field cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::diagnostic::Problem;
 use crate::policy::grant::{self, Grant};
 use crate::policy::{Policy, Principal};
-use entry::KeyEntry;
+use entry::{Change, KeyEntry};
 use reader::{EntryLines, ReadError};
 
 /// A key's call count and last use, shared across reloads so counts survive a keys-file change.
@@ -105,7 +105,7 @@ struct Record {
 /// One key of a store, with everything a decision needs.
 #[derive(Clone, Copy)]
 pub struct Key<'s> {
-    store: &'s KeyStore,
+    table: &'s KeyTable,
     record: &'s Record,
     index: u32,
 }
@@ -119,27 +119,27 @@ impl std::fmt::Debug for Key<'_> {
 impl<'s> Key<'s> {
     /// Public id.
     pub fn id(&self) -> &'s str {
-        self.store.text(self.record.id)
+        self.table.text(self.record.id)
     }
 
     /// First 10 characters of the key.
     pub fn prefix(&self) -> &'s str {
-        self.store.text(self.record.prefix)
+        self.table.text(self.record.prefix)
     }
 
     /// What the key is for.
     pub fn purpose(&self) -> Option<&'s str> {
-        self.record.purpose.map(|s| self.store.text(s))
+        self.record.purpose.map(|s| self.table.text(s))
     }
 
     /// Owner.
     pub fn principal(&self) -> &'s Arc<Principal> {
-        &self.store.principals[self.record.principal as usize]
+        &self.table.principals[self.record.principal as usize]
     }
 
     /// Effective grants: the principal's, narrowed by the scopes when there are any.
     pub fn grants(&self) -> &'s [Grant] {
-        &self.store.grant_sets[self.record.grants as usize]
+        &self.table.grant_sets[self.record.grants as usize]
     }
 
     /// Whether the key carries scopes.
@@ -164,7 +164,7 @@ impl<'s> Key<'s> {
 
     /// Call count and last use.
     pub fn usage(&self) -> &'s Usage {
-        self.store.usage.get(self.record.slot)
+        self.table.usage.get(self.record.slot)
     }
 
     /// Position in the store.
@@ -196,8 +196,9 @@ pub enum KeyLookup<'s> {
     Expired(Key<'s>),
 }
 
-/// Every usable key, indexed by hash and by id.
-pub struct KeyStore {
+/// One compiled set of keys, indexed by hash and by id: fixed-size records, strings in one arena,
+/// both indexes tables of `u32` positions.
+pub struct KeyTable {
     records: Vec<Record>,
     arena: String,
     principals: Vec<Arc<Principal>>,
@@ -208,20 +209,6 @@ pub struct KeyStore {
     usage: Arc<UsageTable>,
 }
 
-impl Default for KeyStore {
-    fn default() -> Self {
-        KeyStore::with_usage(Arc::default(), 0)
-    }
-}
-
-impl std::fmt::Debug for KeyStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyStore")
-            .field("keys", &self.records.len())
-            .finish()
-    }
-}
-
 fn digest_hash(digest: &[u8; 32]) -> u64 {
     // The digest is uniformly random and not chosen by clients: its first bytes are the hash.
     let mut first = [0u8; 8];
@@ -229,9 +216,9 @@ fn digest_hash(digest: &[u8; 32]) -> u64 {
     u64::from_le_bytes(first)
 }
 
-impl KeyStore {
+impl KeyTable {
     fn with_usage(usage: Arc<UsageTable>, capacity: usize) -> Self {
-        KeyStore {
+        KeyTable {
             records: Vec::with_capacity(capacity),
             arena: String::with_capacity(capacity * 24),
             principals: Vec::new(),
@@ -250,22 +237,116 @@ impl KeyStore {
             .unwrap_or("")
     }
 
-    fn key(&self, index: u32) -> Option<Key<'_>> {
-        self.records.get(index as usize).map(|record| Key {
-            store: self,
+    fn find_hash(&self, digest: &[u8; 32]) -> Option<u32> {
+        self.by_hash
+            .find(digest_hash(digest), |i| {
+                self.records[*i as usize].digest == *digest
+            })
+            .copied()
+    }
+
+    fn find_id(&self, id: &str) -> Option<u32> {
+        let hash = self.id_hasher.hash_one(id);
+        self.by_id
+            .find(hash, |i| self.text(self.records[*i as usize].id) == id)
+            .copied()
+    }
+
+    fn key(&self, position: u32, index: u32) -> Option<Key<'_>> {
+        self.records.get(position as usize).map(|record| Key {
+            table: self,
             record,
             index,
         })
+    }
+
+    fn len(&self) -> u32 {
+        self.records.len() as u32
+    }
+}
+
+/// What a store's recent changes left on top of its base table: the entries changed or added
+/// since the base was loaded, and the ids removed. Small; a full reload folds it away.
+#[derive(Debug, Default, Clone)]
+pub struct Changed {
+    /// Entries added or changed, by id.
+    pub upserts: std::collections::BTreeMap<String, KeyEntry>,
+    /// Ids removed from the base.
+    pub removed: std::collections::BTreeSet<String>,
+}
+
+impl Changed {
+    /// How many entries the overlay carries.
+    pub fn len(&self) -> usize {
+        self.upserts.len() + self.removed.len()
+    }
+
+    /// Whether nothing changed since the base.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Every usable key: a base table (loaded whole) and, for a store with a change feed, an
+/// overlay of the entries changed since, so one change never rebuilds a million keys. Lookups
+/// try the overlay first; base keys the overlay changed or removed are hidden.
+pub struct KeyStore {
+    base: Arc<KeyTable>,
+    overlay: KeyTable,
+    hidden: hashbrown::HashSet<u32>,
+    changed: Arc<Changed>,
+}
+
+impl Default for KeyStore {
+    fn default() -> Self {
+        KeyStore::whole(KeyTable::with_usage(Arc::default(), 0))
+    }
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("keys", &self.len())
+            .field("overlay", &self.overlay.records.len())
+            .finish()
+    }
+}
+
+impl KeyStore {
+    fn whole(base: KeyTable) -> Self {
+        let usage = base.usage.clone();
+        KeyStore {
+            base: Arc::new(base),
+            overlay: KeyTable::with_usage(usage, 0),
+            hidden: hashbrown::HashSet::new(),
+            changed: Arc::default(),
+        }
     }
 
     /// Looks a presented key up and checks its state at `now` (Unix seconds).
     #[inline]
     pub fn lookup(&self, presented: &str, now: i64) -> KeyLookup<'_> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let found = self.by_hash.find(digest_hash(&digest), |i| {
-            self.records[*i as usize].digest == digest
-        });
-        match found.and_then(|i| self.key(*i)) {
+        self.lookup_digest(&digest, now)
+    }
+
+    /// Looks a key up by its SHA-256 digest.
+    pub fn lookup_digest(&self, digest: &[u8; 32], now: i64) -> KeyLookup<'_> {
+        let found = if self.overlay.records.is_empty() {
+            self.base
+                .find_hash(digest)
+                .and_then(|i| self.base.key(i, i))
+        } else {
+            match self.overlay.find_hash(digest) {
+                Some(i) => self.overlay.key(i, self.base.len() + i),
+                None => self
+                    .base
+                    .find_hash(digest)
+                    .filter(|i| !self.hidden.contains(i))
+                    .and_then(|i| self.base.key(i, i)),
+            }
+        };
+        match found {
             Some(key) => key.state(now),
             None => KeyLookup::Unknown,
         }
@@ -273,31 +354,92 @@ impl KeyStore {
 
     /// A key by its public id.
     pub fn by_id(&self, id: &str) -> Option<Key<'_>> {
-        let hash = self.id_hasher.hash_one(id);
-        let found = self
-            .by_id
-            .find(hash, |i| self.text(self.records[*i as usize].id) == id)?;
-        self.key(*found)
+        if let Some(i) = self.overlay.find_id(id) {
+            return self.overlay.key(i, self.base.len() + i);
+        }
+        let i = self.base.find_id(id)?;
+        if self.hidden.contains(&i) {
+            return None;
+        }
+        self.base.key(i, i)
     }
 
-    /// A key by its position.
+    /// A key by its position (as `Key::index` gave it).
     pub fn get(&self, index: u32) -> Option<Key<'_>> {
-        self.key(index)
+        match index.checked_sub(self.base.len()) {
+            None => self.base.key(index, index),
+            Some(i) => self.overlay.key(i, index),
+        }
     }
 
-    /// Every key in file order.
+    /// Every key: the base's in load order, then the overlay's.
     pub fn records(&self) -> impl Iterator<Item = Key<'_>> {
-        (0..self.records.len() as u32).filter_map(|i| self.key(i))
+        let base = (0..self.base.len())
+            .filter(|i| !self.hidden.contains(i))
+            .filter_map(|i| self.base.key(i, i));
+        let overlay =
+            (0..self.overlay.len()).filter_map(|i| self.overlay.key(i, self.base.len() + i));
+        base.chain(overlay)
     }
 
     /// Number of usable keys.
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.base.records.len() - self.hidden.len() + self.overlay.records.len()
     }
 
     /// Whether there are no keys.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
+    }
+
+    /// What changed since the base was loaded.
+    pub fn changed(&self) -> &Changed {
+        &self.changed
+    }
+
+    /// This store with `changes` applied on top: the base is shared, only the overlay (every
+    /// change since the base) is rebuilt. Entries are checked as a load checks them.
+    pub fn with_changes(
+        &self,
+        changes: &[Change],
+        policy: &Policy,
+        usage: &Arc<UsageTable>,
+    ) -> Result<Compiled, Vec<Problem>> {
+        let mut changed = (*self.changed).clone();
+        for change in changes {
+            match change {
+                Change::Upsert(entry) => {
+                    changed.removed.remove(&entry.id);
+                    changed.upserts.insert(entry.id.clone(), entry.clone());
+                }
+                Change::Remove(id) => {
+                    changed.upserts.remove(id);
+                    if self.base.find_id(id).is_some() {
+                        changed.removed.insert(id.clone());
+                    }
+                }
+            }
+        }
+        let mut builder = StoreBuilder::new(policy, Some(self), usage, changed.upserts.len());
+        for (n, entry) in changed.upserts.values().enumerate() {
+            builder.add(entry.clone(), &|_| (n + 1, 0));
+        }
+        let compiled = builder.finish_table()?;
+        let hidden = changed
+            .upserts
+            .keys()
+            .chain(changed.removed.iter())
+            .filter_map(|id| self.base.find_id(id))
+            .collect();
+        Ok(Compiled {
+            store: KeyStore {
+                base: self.base.clone(),
+                overlay: compiled.0,
+                hidden,
+                changed: Arc::new(changed),
+            },
+            warnings: compiled.1,
+        })
     }
 }
 
@@ -318,7 +460,7 @@ pub struct Compiled {
 pub struct StoreBuilder<'a> {
     policy: &'a Policy,
     previous: Option<&'a KeyStore>,
-    store: KeyStore,
+    store: KeyTable,
     principal_slots: HashMap<*const Principal, u32>,
     grant_set_slots: HashMap<(u32, Vec<String>), u32>,
     unscoped_slots: HashMap<u32, u32>,
@@ -337,7 +479,7 @@ impl<'a> StoreBuilder<'a> {
         StoreBuilder {
             policy,
             previous,
-            store: KeyStore::with_usage(usage.clone(), capacity),
+            store: KeyTable::with_usage(usage.clone(), capacity),
             principal_slots: HashMap::new(),
             grant_set_slots: HashMap::new(),
             unscoped_slots: HashMap::new(),
@@ -397,7 +539,7 @@ impl<'a> StoreBuilder<'a> {
         [expires, created]: [i64; 2],
         problem: &dyn Fn(&str, String) -> Problem,
     ) {
-        let KeyStore {
+        let KeyTable {
             records,
             arena,
             by_hash,
@@ -435,7 +577,7 @@ impl<'a> StoreBuilder<'a> {
         let slot = self
             .previous
             .and_then(|p| p.by_id(&entry.id))
-            .filter(|k| Arc::ptr_eq(&k.store.usage, usage))
+            .filter(|k| Arc::ptr_eq(&k.table.usage, usage))
             .map_or_else(|| usage.push(), |k| k.record.slot);
         let id = push_text(arena, &entry.id);
         let prefix = push_text(arena, &entry.prefix);
@@ -514,14 +656,19 @@ impl<'a> StoreBuilder<'a> {
     }
 
     /// The store, or every error found.
-    pub fn finish(mut self) -> Result<Compiled, Vec<Problem>> {
+    pub fn finish(self) -> Result<Compiled, Vec<Problem>> {
+        let (table, warnings) = self.finish_table()?;
+        Ok(Compiled {
+            store: KeyStore::whole(table),
+            warnings,
+        })
+    }
+
+    fn finish_table(mut self) -> Result<(KeyTable, Vec<Problem>), Vec<Problem>> {
         if self.errors.is_empty() {
             self.store.records.shrink_to_fit();
             self.store.arena.shrink_to_fit();
-            Ok(Compiled {
-                store: self.store,
-                warnings: self.warnings,
-            })
+            Ok((self.store, self.warnings))
         } else {
             self.errors.extend(self.warnings);
             self.errors.sort_by_key(|p| (p.line, p.column));
@@ -911,5 +1058,66 @@ mod tests {
         let typo = "version: 1\nkeys:\n  - id: a\n    prefix: p\n    hash: h\n    principal: alice\n    activ: false\n";
         let errors = compile(typo, &policy, None, &Arc::default()).err().unwrap();
         assert_eq!(errors[0].line, 7, "{errors:?}");
+    }
+
+    #[test]
+    fn changes_apply_on_top_of_the_base_without_rebuilding_it() {
+        let policy = crate::policy::compile(POLICY).unwrap();
+        let usage = Arc::default();
+        let text = keys_text(&[("a", "pcs_a", "alice", None), ("b", "pcs_b", "alice", None)]);
+        let base = compile(&text, &policy, None, &usage).unwrap().store;
+        let KeyLookup::Valid(a) = base.lookup("pcs_a", 0) else {
+            panic!()
+        };
+        a.usage().record(5);
+        let entry = |id: &str, key: &str, active: bool| KeyEntry {
+            id: id.into(),
+            prefix: key[..4].into(),
+            hash: secret::hash_text(key),
+            principal: "alice".into(),
+            scopes: Some(vec!["datasets:read".into()]),
+            purpose: None,
+            active,
+            created: None,
+            expires: None,
+        };
+        let changes = vec![
+            Change::Upsert(entry("c", "pcs_c", true)),
+            Change::Upsert(entry("a", "pcs_a", false)),
+            Change::Remove("b".into()),
+        ];
+        let next = base.with_changes(&changes, &policy, &usage).unwrap().store;
+        assert!(Arc::ptr_eq(&base.base, &next.base), "the base is shared");
+        assert_eq!(next.len(), 2);
+        assert!(matches!(next.lookup("pcs_c", 0), KeyLookup::Valid(_)));
+        assert!(matches!(next.lookup("pcs_a", 0), KeyLookup::Inactive(_)));
+        assert!(matches!(next.lookup("pcs_b", 0), KeyLookup::Unknown));
+        assert!(next.by_id("b").is_none());
+        assert_eq!(
+            next.by_id("a").unwrap().usage().calls(),
+            1,
+            "usage follows the id"
+        );
+        let c = next.by_id("c").unwrap();
+        assert_eq!(next.get(c.index()).unwrap().id(), "c");
+        let ids: Vec<&str> = next.records().map(|k| k.id()).collect();
+        assert_eq!(ids, vec!["a", "c"]);
+        // A later change to an overlay key, and a re-added id, stay consistent.
+        let again = next
+            .with_changes(
+                &[
+                    Change::Remove("c".into()),
+                    Change::Upsert(entry("b", "pcs_b2", true)),
+                ],
+                &policy,
+                &usage,
+            )
+            .unwrap()
+            .store;
+        assert!(matches!(again.lookup("pcs_c", 0), KeyLookup::Unknown));
+        assert!(matches!(again.lookup("pcs_b", 0), KeyLookup::Unknown));
+        assert!(matches!(again.lookup("pcs_b2", 0), KeyLookup::Valid(_)));
+        assert_eq!(again.len(), 2);
+        assert_eq!(again.changed().len(), 2);
     }
 }

@@ -17,6 +17,7 @@ use super::forward::{ForwardContext, Upstream};
 use super::headers;
 use super::ProxyBody;
 use crate::audit::{AuditEvent, Auditor, DecisionEvent};
+use crate::clock::unix_now;
 use crate::config::BackendConfig;
 use crate::decision::{self, Reason};
 use crate::keyapi::KeyApi;
@@ -452,11 +453,4 @@ async fn key_api_request(
     };
     outcome.path = path;
     handled.response
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }

@@ -38,7 +38,9 @@ impl Readiness {
 
 /// What the admin endpoints read.
 pub struct Admin {
-    /// Live state (its presence means the first load succeeded).
+    /// Whether keys are loaded (a database store that has not answered yet is not ready).
+    pub loader: std::sync::Arc<crate::reload::Loader>,
+    /// Live state.
     pub state: LiveState,
     /// Drain flag.
     pub readiness: Arc<Readiness>,
@@ -69,6 +71,11 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/readyz") => {
                 if self.readiness.is_draining() {
                     (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+                } else if !self.loader.keys_ready() {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "keys not loaded: the key store cannot be reached and there is no key cache\n".to_string(),
+                    )
                 } else if !self.audit.accepting() {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -10,12 +10,13 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::{self, Admin, Readiness};
 use crate::audit::{AuditEvent, Auditor};
 use crate::config::Config;
-use crate::keyapi::{FileRepository, KeyAction, KeyApi};
+use crate::keyapi::{KeyAction, KeyApi};
 use crate::metrics::Metrics;
 use crate::proxy::forward::Upstream;
 use crate::proxy::server::{self, ConnectionLimits, ConnectionStats};
 use crate::proxy::service::{RequestIds, Service};
-use crate::reload::{Loader, TlsFiles};
+use crate::reload::{feed, Loader, Sources, TlsFiles};
+use crate::store::{KeysLocation, Store};
 use crate::tls::{self, CertResolver};
 
 /// Errors that end the program, split by exit code.
@@ -49,6 +50,18 @@ pub struct Started {
     /// The audit stream (flushed on shutdown).
     pub audit: Auditor,
     _watch: crate::watch::FileWatch,
+    _followers: Followers,
+}
+
+/// The store's change feed and usage flush; stopped when dropped.
+struct Followers(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Followers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Runs the proxy with a loaded config until SIGTERM/SIGINT.
@@ -62,9 +75,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         started.readiness.clone(),
         started.stop.clone(),
     );
-    let Started { task, audit, .. } = started;
+    let Started {
+        task,
+        audit,
+        loader,
+        _followers,
+        ..
+    } = started;
     task.await
         .map_err(|e| RunError::Other(anyhow::anyhow!("proxy task failed: {e}")))?;
+    drop(_followers);
+    if let Store::Postgres(pg) = &**loader.store() {
+        // The last counts of this proxy join the fleet's totals before it goes.
+        if let Err(e) = feed::flush_usage(&loader, pg).await {
+            tracing::warn!(error = %e, "the last usage flush failed; these counts are lost");
+        }
+    }
     audit.record(AuditEvent::Shutdown);
     audit
         .shutdown(config.grace_period.max(Duration::from_secs(5)))
@@ -101,14 +127,23 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         }
         _ => None,
     };
+    let store = Arc::new(Store::open(&config.keys));
     let loader = Loader::start(
-        config.policy.clone(),
-        config.keys.clone(),
+        Sources {
+            policy: config.policy.clone(),
+            keys: config.keys.clone(),
+            store: store.clone(),
+            key_cache: config.key_cache.clone(),
+        },
         metrics.clone(),
         tls_files,
         audit.clone(),
     )
+    .await
     .map_err(|p| RunError::Config(p.to_string()))?;
+    if config.key_api.enabled {
+        warn_if_keys_are_read_only(&config.keys);
+    }
     let upstream_tls = match config.upstream.scheme_str() {
         Some("https") => Some(
             tls::upstream_client_config(config.upstream_tls.ca.as_deref())
@@ -126,7 +161,6 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     let key_api = config.key_api.enabled.then(|| {
         Arc::new(KeyApi::new(
             config.key_api.prefix.clone(),
-            Box::new(FileRepository::new(config.keys.clone())),
             loader.clone(),
             Box::new(move |action: KeyAction| {
                 key_audit.record(AuditEvent::KeyChange {
@@ -192,8 +226,21 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         version: env!("CARGO_PKG_VERSION"),
     });
     let file_watch = spawn_reloader(loader.clone());
+    let followers = match &*store {
+        Store::Postgres(pg) => {
+            let mut tasks = feed::spawn(loader.clone(), pg.clone(), config.key_store);
+            tasks.push(feed::spawn_usage_flush(
+                loader.clone(),
+                pg.clone(),
+                config.key_store.usage_flush_interval,
+            ));
+            tasks
+        }
+        Store::File(_) => Vec::new(),
+    };
     let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin {
+        loader: loader.clone(),
         state: loader.state(),
         readiness: readiness.clone(),
         registry,
@@ -219,7 +266,32 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         readiness,
         audit,
         _watch: file_watch,
+        _followers: Followers(followers),
     })
+}
+
+/// The key API writes keys; say at start when the keys file cannot be written (a Kubernetes
+/// Secret is mounted read-only), instead of failing the first change.
+fn warn_if_keys_are_read_only(keys: &KeysLocation) {
+    let Some(path) = keys.file() else { return };
+    let writable = std::fs::OpenOptions::new().append(true).open(path).is_ok()
+        && path
+            .parent()
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    d
+                }
+            })
+            .and_then(|d| tempfile::tempfile_in(d).ok())
+            .is_some();
+    if !writable {
+        tracing::warn!(
+            keys = %path.display(),
+            "the key API is enabled but the keys file cannot be written (a read-only Secret mount?): key changes will fail; use a PostgreSQL store (keys: postgres://...) or set key_api.enabled: false"
+        );
+    }
 }
 
 /// Watches the loader's files and reloads (debounced) on every change.
@@ -230,8 +302,7 @@ fn spawn_reloader(loader: Arc<Loader>) -> crate::watch::FileWatch {
         while rx.recv().await.is_some() {
             tokio::time::sleep(DEBOUNCE).await;
             while rx.try_recv().is_ok() {}
-            let loader = loader.clone();
-            let _ = tokio::task::spawn_blocking(move || loader.reload()).await;
+            loader.reload().await;
         }
     });
     guard
@@ -266,8 +337,7 @@ impl Signals {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading");
-                let loader = loader.clone();
-                let _ = tokio::task::spawn_blocking(move || loader.reload()).await;
+                loader.reload().await;
             }
         });
         tokio::spawn(async move {

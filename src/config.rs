@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::audit::AuditConfig;
 use crate::diagnostic::{self, FileProblems, Problem};
 use crate::path::MatrixParameters;
+use crate::store::KeysLocation;
 
 /// The config file as written.
 #[derive(Debug, Deserialize)]
@@ -19,7 +20,9 @@ struct ConfigFile {
     upstream: String,
     admin: Option<String>,
     policy: Option<PathBuf>,
-    keys: Option<PathBuf>,
+    keys: Option<String>,
+    key_cache: Option<PathBuf>,
+    key_store: Option<KeyStoreFile>,
     deny_status: Option<u16>,
     upstream_connect_timeout: Option<String>,
     upstream_timeout: Option<String>,
@@ -35,6 +38,37 @@ struct ConfigFile {
     trust_forwarded: bool,
     backend: Option<BackendFile>,
     connections: Option<ConnectionsFile>,
+}
+
+/// `key_store:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyStoreFile {
+    notify: Option<bool>,
+    poll_interval: Option<String>,
+    usage_flush_interval: Option<String>,
+}
+
+/// `key_store:`: how a proxy follows a PostgreSQL key store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyStoreConfig {
+    /// LISTEN for change notifications (turn off behind PgBouncer in transaction mode, where
+    /// LISTEN does not work; the delta poll alone then carries every change).
+    pub notify: bool,
+    /// How often the delta poll runs even without a notification.
+    pub poll_interval: Duration,
+    /// How often this proxy adds its call counts to the store.
+    pub usage_flush_interval: Duration,
+}
+
+impl Default for KeyStoreConfig {
+    fn default() -> Self {
+        KeyStoreConfig {
+            notify: true,
+            poll_interval: Duration::from_secs(1),
+            usage_flush_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `backend:` as written: how the backend may read requests differently from the proxy.
@@ -184,8 +218,12 @@ pub struct Config {
     pub admin: SocketAddr,
     /// Policy file path (absolute or relative to the working directory).
     pub policy: PathBuf,
-    /// Keys file path.
-    pub keys: PathBuf,
+    /// Where keys live: a keys file or a PostgreSQL URL.
+    pub keys: KeysLocation,
+    /// With a PostgreSQL store: the last state loaded, to start from while the database is down.
+    pub key_cache: Option<PathBuf>,
+    /// How a PostgreSQL store is followed.
+    pub key_store: KeyStoreConfig,
     /// Status for a valid key without permission: 403 (default) or 401.
     pub deny_status: http::StatusCode,
     /// Upper bound on connecting to the backend (→ 502).
@@ -224,7 +262,9 @@ impl Config {
             upstream,
             admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
             policy: PathBuf::from("policy.yaml"),
-            keys: PathBuf::from("keys.yaml"),
+            keys: KeysLocation::File(PathBuf::from("keys.yaml")),
+            key_cache: None,
+            key_store: KeyStoreConfig::default(),
             deny_status: http::StatusCode::FORBIDDEN,
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
@@ -285,7 +325,33 @@ impl Config {
             Err((f, m)) => fail(&f, m),
         }
         config.policy = base.join(file.policy.unwrap_or(config.policy));
-        config.keys = base.join(file.keys.unwrap_or(config.keys));
+        match KeysLocation::parse(file.keys.as_deref().unwrap_or("keys.yaml"), base) {
+            Ok(keys) => config.keys = keys,
+            Err(e) => fail("keys", e),
+        }
+        config.key_cache = file.key_cache.map(|c| base.join(c));
+        if let Some(k) = &file.key_store {
+            let ks = &mut config.key_store;
+            ks.notify = k.notify.unwrap_or(ks.notify);
+            for (name, text, slot) in [
+                ("poll_interval", &k.poll_interval, &mut ks.poll_interval),
+                (
+                    "usage_flush_interval",
+                    &k.usage_flush_interval,
+                    &mut ks.usage_flush_interval,
+                ),
+            ] {
+                if let Some(t) = text {
+                    match humantime::parse_duration(t) {
+                        Ok(d) if d >= Duration::from_millis(100) => *slot = d,
+                        _ => fail(
+                            "key_store",
+                            format!("key_store.{name}: {t:?} is not a duration of at least 100ms"),
+                        ),
+                    }
+                }
+            }
+        }
         match file.deny_status {
             None => {}
             Some(401) => config.deny_status = http::StatusCode::UNAUTHORIZED,

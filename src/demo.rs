@@ -14,8 +14,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::app::{self, RunError};
-use crate::cli::keys::create;
+use crate::cli::keys::create_key;
 use crate::config::Config;
+use crate::store::{KeysLocation, Store};
 
 /// The policy the demo runs with.
 pub const DEMO_POLICY: &str = include_str!("../policies/demo.yaml");
@@ -26,12 +27,21 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     let policy = dir.path().join("policy.yaml");
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&policy, DEMO_POLICY).map_err(anyhow::Error::from)?;
-    let make = |principal: &str, purpose: &str| {
-        create(&keys, principal, &[], Some(purpose.to_string()), Some("1d"))
-            .map_err(|e| RunError::Other(anyhow::anyhow!("{e}")))
-    };
-    let alice = make("alice", "demo: editor")?;
-    let bob = make("bob", "demo: viewer")?;
+    let store = Store::open(&KeysLocation::File(keys.clone()));
+    let mut made = Vec::new();
+    for (principal, purpose) in [("alice", "demo: editor"), ("bob", "demo: viewer")] {
+        let key = create_key(
+            &store,
+            principal,
+            &[],
+            Some(purpose.to_string()),
+            Some("1d"),
+        )
+        .await
+        .map_err(|e| RunError::Other(anyhow::anyhow!("{e}")))?;
+        made.push(key);
+    }
+    let (alice, bob) = (made[0].clone(), made[1].clone());
     let backend = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(anyhow::Error::from)?;
@@ -44,7 +54,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     config.listen = listen;
     config.admin = SocketAddr::from(([127, 0, 0, 1], 0));
     config.policy = policy;
-    config.keys = keys;
+    config.keys = KeysLocation::File(keys);
     config.grace_period = std::time::Duration::from_secs(2);
     let started = app::start(&config).await?;
     print_instructions(&alice, &bob, backend_addr, started.proxy);

@@ -68,7 +68,9 @@ impl fmt::Display for FileProblems {
             if i > 0 {
                 writeln!(f)?;
             }
-            if p.line == 0 {
+            if self.path.as_os_str().is_empty() {
+                write!(f, "{}", p.message)?;
+            } else if p.line == 0 {
                 write!(f, "{}: {}", self.path.display(), p.message)?;
             } else {
                 write!(

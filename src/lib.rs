@@ -22,5 +22,6 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod state;
+pub mod store;
 pub mod tls;
 pub mod watch;

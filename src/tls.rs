@@ -96,7 +96,8 @@ pub fn server_config(tls: &TlsConfig, resolver: Arc<CertResolver>) -> Result<Ser
     Ok(config)
 }
 
-fn root_store(ca: &Path) -> Result<RootCertStore, String> {
+/// The certificates of a CA bundle as a root store.
+pub fn root_store(ca: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots
@@ -106,18 +107,20 @@ fn root_store(ca: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// The operating system's trusted roots.
+pub fn native_roots() -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    roots
+}
+
 /// The TLS client configuration for the upstream: the given CA, or the system roots.
 pub fn upstream_client_config(ca: Option<&Path>) -> Result<ClientConfig, String> {
     let roots = match ca {
         Some(ca) => root_store(ca)?,
-        None => {
-            let mut roots = RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            roots
-        }
+        None => native_roots(),
     };
     Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

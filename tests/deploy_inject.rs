@@ -173,7 +173,11 @@ fn assert_valid_injected_pod(pod: &Value, options: &InjectOptions) -> u16 {
     assert_eq!(config.listen.port(), options.proxy_port);
     assert_eq!(config.admin.port(), options.admin_port);
     assert!(config.policy.starts_with(mount("portcullis-policy")));
-    assert!(config.keys.starts_with(mount("portcullis-keys")));
+    assert!(config
+        .keys
+        .file()
+        .unwrap()
+        .starts_with(mount("portcullis-keys")));
     assert_eq!(
         volume("portcullis-policy")["configMap"]["name"],
         options.config_map.as_str()

@@ -36,7 +36,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use event::{AuditEvent, DecisionEvent, FIELD_NAMES};
-pub use rfc5424::{facility_code, APP_NAME, MIN_MESSAGE_BYTES};
+pub use rfc5424::{facility_code, system_hostname, APP_NAME, MIN_MESSAGE_BYTES};
 pub use spool::FsyncPolicy;
 
 use event::Stamped;
@@ -346,6 +346,26 @@ impl AuditConfig {
                 resolve(base, p);
             }
         }
+    }
+
+    /// The folders `run` must be able to write: the spool, and the JSON-lines file's folder.
+    pub fn writable_paths(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut out = Vec::new();
+        if let Some(s) = &self.syslog {
+            if let Some(spool) = &s.spool_dir {
+                out.push(("audit.syslog.spool_dir", spool.clone()));
+            }
+        }
+        if let Some(file) = &self.file {
+            if !jsonl::is_stdout(file) {
+                let folder = match file.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                out.push(("audit.file", folder));
+            }
+        }
+        out
     }
 
     /// Every problem with the block, one message each (reads the TLS files to check them).

@@ -8,7 +8,7 @@ use crate::decision;
 use crate::keys::Key;
 use crate::path;
 use crate::policy::RouteRule;
-use crate::reload::compile_files;
+use crate::reload::compile_once;
 use crate::state::Snapshot;
 
 /// Prints the decision; exits 0 whether allowed or denied.
@@ -24,8 +24,9 @@ pub fn run(
     let keys_path = resolved
         .keys
         .ok_or_else(|| CommandError::Usage("explain needs --keys".into()))?;
-    let (snapshot, _) = compile_files(&policy_path, &keys_path, 1, &Default::default())
-        .map_err(|(_, p)| CommandError::Usage(p.to_string()))?;
+    let (snapshot, _) =
+        super::block_on(compile_once(&policy_path, &keys_path, &Default::default()))?
+            .map_err(|(_, p)| CommandError::Usage(p.to_string()))?;
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .map_err(|_| CommandError::Usage(format!("{method:?} is not an HTTP method")))?;
     let key = snapshot.keys.by_id(key_id).ok_or_else(|| {

@@ -1,7 +1,7 @@
 //! `portcullis keys ...`: create, list, activate, deactivate, revoke, rotate.
 //!
-//! Every change goes through `keys::file::update` (lock, read, change, atomic replace), so two
-//! commands run at once never lose each other's keys. `create` and `rotate` print only the new
+//! Every change is one store edit (a keys file under its lock, or one PostgreSQL transaction),
+//! so commands run at once, and proxies' key APIs, never lose each other's keys. `create` and `rotate` print only the new
 //! key on stdout; everything else they say goes to stderr.
 
 use std::path::Path;
@@ -13,6 +13,7 @@ use crate::keys::entry;
 use crate::keys::file::{self, KeyEntry};
 use crate::keys::secret;
 use crate::policy;
+use crate::store::{Edit, Store};
 
 /// Runs a keys subcommand; with `-c`, every change is also an audit event.
 pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
@@ -26,7 +27,7 @@ pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
             let event = AuditEvent::KeyChange {
                 action,
                 key_id: None,
-                principal: None,
+                principal: Some(os_actor()),
                 target_key_id: target_key_id.to_string(),
                 target_principal: target_principal.to_string(),
                 result: "ok".to_string(),
@@ -57,36 +58,53 @@ pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
                     "warning: no --policy given: {principal:?} is not checked against a policy"
                 ),
             }
-            let key = create(keys, principal, scopes, purpose.clone(), expires.as_deref())?;
+            let store = Store::open(&super::keys_location(keys)?);
+            let key = create(
+                &store,
+                principal,
+                scopes,
+                purpose.clone(),
+                expires.as_deref(),
+            )?;
             record("key_create", &key[4..12], principal);
             println!("{key}");
             Ok(())
         }
-        KeysCommand::List { keys, admin } => list(keys, admin.as_deref()),
-        KeysCommand::Deactivate(t) => {
-            let principal = set_active(&t.keys, &t.id, false)?;
-            record("key_deactivate", &t.id, &principal);
-            Ok(())
+        KeysCommand::List { keys, admin, json } => {
+            let store = Store::open(&super::keys_location(keys)?);
+            list(&store, admin.as_deref(), *json)
         }
-        KeysCommand::Activate(t) => {
-            let principal = set_active(&t.keys, &t.id, true)?;
-            record("key_activate", &t.id, &principal);
-            Ok(())
-        }
-        KeysCommand::Revoke(t) => {
-            let (principal, _) = file::update(&t.keys, |f| {
-                let index =
-                    f.keys.iter().position(|k| k.id == t.id).ok_or_else(|| {
-                        anyhow::anyhow!("no key with id {}", secret::shown_id(&t.id))
-                    })?;
-                Ok(f.keys.remove(index).principal)
-            })?;
-            record("key_revoke", &t.id, &principal);
-            eprintln!("revoked {}", t.id);
+        KeysCommand::Import { keys, from } => import(keys, from),
+        KeysCommand::Deactivate(t) | KeysCommand::Activate(t) | KeysCommand::Revoke(t) => {
+            let store = Store::open(&super::keys_location(&t.keys)?);
+            let (edit, action, done) = match &args.command {
+                KeysCommand::Deactivate(_) => (
+                    Edit::SetActive {
+                        id: t.id.clone(),
+                        active: false,
+                    },
+                    "key_deactivate",
+                    "deactivated",
+                ),
+                KeysCommand::Activate(_) => (
+                    Edit::SetActive {
+                        id: t.id.clone(),
+                        active: true,
+                    },
+                    "key_activate",
+                    "activated",
+                ),
+                _ => (Edit::Revoke { id: t.id.clone() }, "key_revoke", "revoked"),
+            };
+            let applied = apply(&store, edit)?;
+            let principal = applied.before.map(|e| e.principal).unwrap_or_default();
+            record(action, &t.id, &principal);
+            eprintln!("{done} {}", t.id);
             Ok(())
         }
         KeysCommand::Rotate { target, overlap } => {
-            let (key, principal) = rotate(&target.keys, &target.id, overlap.as_deref())?;
+            let store = Store::open(&super::keys_location(&target.keys)?);
+            let (key, principal) = rotate(&store, &target.id, overlap.as_deref())?;
             record("key_rotate", &target.id, &principal);
             println!("{key}");
             Ok(())
@@ -94,9 +112,32 @@ pub fn run(args: &KeysArgs) -> Result<(), CommandError> {
     }
 }
 
+/// Who made a CLI change, as the audit trail records it: the operating-system user and host.
+fn os_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("os:{user}@{}", crate::audit::system_hostname())
+}
+
+fn apply(store: &Store, edit: Edit) -> Result<crate::store::Applied, CommandError> {
+    super::block_on(store.apply(edit))?.map_err(|e| CommandError::Usage(e.to_string()))
+}
+
 /// Creates a key entry and returns the plaintext key.
 pub fn create(
-    keys: &Path,
+    store: &Store,
+    principal: &str,
+    scopes: &[String],
+    purpose: Option<String>,
+    expires: Option<&str>,
+) -> Result<String, CommandError> {
+    super::block_on(create_key(store, principal, scopes, purpose, expires))?
+}
+
+/// [`create`] for callers already on a runtime (the demo).
+pub async fn create_key(
+    store: &Store,
     principal: &str,
     scopes: &[String],
     purpose: Option<String>,
@@ -119,26 +160,50 @@ pub fn create(
     }
     let new = secret::generate();
     let entry = KeyEntry::for_new_key(
-        &new,
+        &new.material(),
         principal,
         (!scopes.is_empty()).then(|| scopes.to_vec()),
         purpose,
         format_time(now).map_err(CommandError::Usage)?,
         expires,
     );
-    file::update(keys, |f| {
-        anyhow::ensure!(
-            !f.keys.iter().any(|k| k.id == entry.id),
-            "key id collision; run again"
-        );
-        f.keys.push(entry);
-        Ok(())
-    })?;
+    store
+        .apply(Edit::Create {
+            entry,
+            max_per_principal: None,
+        })
+        .await
+        .map_err(|e| CommandError::Usage(e.to_string()))?;
     eprintln!(
         "created key {} for {principal}; it is shown once, store it now",
         new.id
     );
     Ok(new.secret)
+}
+
+/// Copies a keys file into a PostgreSQL store; ids already there are skipped.
+fn import(keys: &str, from: &Path) -> Result<(), CommandError> {
+    let crate::store::KeysLocation::Postgres(pg) = super::keys_location(keys)? else {
+        return Err(CommandError::Usage(
+            "keys import copies into a PostgreSQL store: give --keys postgres://...".into(),
+        ));
+    };
+    let file = file::load(from).map_err(|p| CommandError::Usage(p.to_string()))?;
+    for entry in &file.keys {
+        entry.check().map_err(|e| {
+            CommandError::Usage(format!("key {}: {e}", secret::shown_id(&entry.id)))
+        })?;
+    }
+    let total = file.keys.len();
+    let store = crate::store::PgStore::new(*pg);
+    let added = super::block_on(store.import(file.keys))?
+        .map_err(|e| CommandError::Usage(e.to_string()))?;
+    eprintln!(
+        "imported {added} of {total} keys into {} ({} already there)",
+        store.describe(),
+        total - added
+    );
+    Ok(())
 }
 
 /// An expiry that lies in the future: a key made already expired is a mistake, not a key.
@@ -183,24 +248,10 @@ fn check_against_policy(
     Ok(())
 }
 
-fn set_active(keys: &Path, id: &str, active: bool) -> Result<String, CommandError> {
-    let (principal, _) = file::update(keys, |f| {
-        let entry = f
-            .keys
-            .iter_mut()
-            .find(|k| k.id == id)
-            .ok_or_else(|| anyhow::anyhow!("no key with id {}", secret::shown_id(id)))?;
-        entry.active = active;
-        Ok(entry.principal.clone())
-    })?;
-    eprintln!("{} {id}", if active { "activated" } else { "deactivated" });
-    Ok(principal)
-}
-
 /// Makes a successor with the same owner, scopes and purpose; the old key expires after `overlap`.
 /// Returns the new key and the owning principal.
 pub fn rotate(
-    keys: &Path,
+    store: &Store,
     id: &str,
     overlap: Option<&str>,
 ) -> Result<(String, String), CommandError> {
@@ -211,27 +262,62 @@ pub fn rotate(
         .map_err(CommandError::Usage)?;
     let created = format_time(now).map_err(CommandError::Usage)?;
     let new = secret::generate();
-    let ((new_id, principal), _) = file::update(keys, |f| {
-        let old = f
-            .keys
-            .iter_mut()
-            .find(|k| k.id == id)
-            .ok_or_else(|| anyhow::anyhow!("no key with id {}", secret::shown_id(id)))?;
-        let successor = old.rotate_to(&new, created, old_expiry);
-        let principal = successor.principal.clone();
-        f.keys.push(successor);
-        Ok((new.id.clone(), principal))
-    })?;
-    eprintln!("rotated {id} → {new_id}; the old key stops at the end of the overlap");
+    let applied = apply(
+        store,
+        Edit::Rotate {
+            id: id.to_string(),
+            new: new.material(),
+            created,
+            old_expiry,
+        },
+    )?;
+    let principal = applied.after.map(|e| e.principal).unwrap_or_default();
+    eprintln!(
+        "rotated {id} → {}; the old key stops at the end of the overlap",
+        new.id
+    );
     Ok((new.secret, principal))
 }
 
-fn list(keys: &Path, admin: Option<&str>) -> Result<(), CommandError> {
-    let f = file::load(keys).map_err(|p| CommandError::Usage(p.to_string()))?;
+fn list(store: &Store, admin: Option<&str>, json: bool) -> Result<(), CommandError> {
+    let listed =
+        super::block_on(store.entries(None))?.map_err(|e| CommandError::Usage(e.to_string()))?;
     let usage = match admin {
         Some(url) => Some(fetch_usage(url).map_err(CommandError::Usage)?),
         None => None,
     };
+    let time = |t: Option<i64>| {
+        t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(|t| format_time(t).ok())
+    };
+    if json {
+        for l in &listed {
+            let k = &l.entry;
+            let (calls, last) = match (&usage, l.calls) {
+                (Some(u), _) => u
+                    .get(&k.id)
+                    .map(|(c, t)| (c.parse::<u64>().ok(), (t != "-").then(|| t.clone())))
+                    .unwrap_or((None, None)),
+                (None, Some(c)) => (Some(c), time(l.last_used)),
+                (None, None) => (None, None),
+            };
+            let line = serde_json::json!({
+                "id": k.id,
+                "prefix": secret::masked(&k.prefix),
+                "principal": k.principal,
+                "scopes": k.scopes,
+                "purpose": k.purpose,
+                "active": k.active,
+                "created": k.created,
+                "expires": k.expires,
+                "calls": calls,
+                "last_used": last,
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    let metered = usage.is_some() || store.keeps_usage();
     let mut header: Vec<String> = [
         "ID",
         "PREFIX",
@@ -244,13 +330,13 @@ fn list(keys: &Path, admin: Option<&str>) -> Result<(), CommandError> {
     ]
     .map(String::from)
     .to_vec();
-    if usage.is_some() {
+    if metered {
         header.extend(["CALLS".to_string(), "LAST USED".to_string()]);
     }
-    let rows: Vec<Vec<String>> = f
-        .keys
+    let rows: Vec<Vec<String>> = listed
         .iter()
-        .map(|k| {
+        .map(|l| {
+            let k = &l.entry;
             let mut row = vec![
                 k.id.clone(),
                 secret::masked(&k.prefix),
@@ -268,6 +354,9 @@ fn list(keys: &Path, admin: Option<&str>) -> Result<(), CommandError> {
                     .unwrap_or(("-".into(), "-".into()));
                 row.push(calls);
                 row.push(last);
+            } else if metered {
+                row.push(l.calls.unwrap_or(0).to_string());
+                row.push(time(l.last_used).unwrap_or_else(|| "-".into()));
             }
             row
         })

@@ -77,9 +77,9 @@ pub struct FileArgs {
     /// Policy file.
     #[arg(long)]
     pub policy: Option<PathBuf>,
-    /// Keys file.
+    /// Keys file or PostgreSQL URL.
     #[arg(long)]
-    pub keys: Option<PathBuf>,
+    pub keys: Option<String>,
 }
 
 /// `portcullis keys [-c portcullis.yaml] ...`.
@@ -98,9 +98,9 @@ pub struct KeysArgs {
 pub enum KeysCommand {
     /// Make a new key; prints it once on stdout and stores only its hash.
     Create {
-        /// Keys file (created if missing).
+        /// Keys file (created if missing) or PostgreSQL URL.
         #[arg(long)]
-        keys: PathBuf,
+        keys: String,
         /// Owner of the key.
         #[arg(long)]
         principal: String,
@@ -119,12 +119,24 @@ pub enum KeysCommand {
     },
     /// List keys (never the key or its hash).
     List {
-        /// Keys file.
+        /// Keys file or PostgreSQL URL.
         #[arg(long)]
-        keys: PathBuf,
+        keys: String,
         /// A running proxy's admin address (e.g. http://127.0.0.1:9901): adds calls and last use.
         #[arg(long)]
         admin: Option<String>,
+        /// One JSON object per key (as the key API shows them), for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a keys file into a PostgreSQL store (ids already there are skipped).
+    Import {
+        /// The PostgreSQL URL.
+        #[arg(long)]
+        keys: String,
+        /// The keys file to copy.
+        #[arg(long)]
+        from: PathBuf,
     },
     /// Deactivate a key (it answers 401 until activated).
     Deactivate(KeyIdArgs),
@@ -146,9 +158,9 @@ pub enum KeysCommand {
 /// A keys file and one key id.
 #[derive(Debug, Args)]
 pub struct KeyIdArgs {
-    /// Keys file.
+    /// Keys file or PostgreSQL URL.
     #[arg(long)]
-    pub keys: PathBuf,
+    pub keys: String,
     /// The key's public id.
     pub id: String,
 }
@@ -174,8 +186,8 @@ impl From<anyhow::Error> for CommandError {
 pub struct Files {
     /// The policy file.
     pub policy: PathBuf,
-    /// The keys file, when one was named.
-    pub keys: Option<PathBuf>,
+    /// The keys, when named.
+    pub keys: Option<crate::store::KeysLocation>,
     /// The process config, when `-c` (or `./portcullis.yaml`) was used.
     pub config: Option<crate::config::Config>,
 }
@@ -190,9 +202,10 @@ impl Files {
 /// Resolves `FileArgs` into a policy path, an optional keys path and the config.
 pub fn resolve_files(files: &FileArgs) -> Result<Files, CommandError> {
     if let Some(policy) = &files.policy {
+        let keys = files.keys.as_deref().map(keys_location).transpose()?;
         return Ok(Files {
             policy: policy.clone(),
-            keys: files.keys.clone(),
+            keys,
             config: None,
         });
     }
@@ -213,6 +226,20 @@ pub fn resolve_files(files: &FileArgs) -> Result<Files, CommandError> {
         keys: Some(config.keys.clone()),
         config: Some(config),
     })
+}
+
+/// Reads a `--keys` argument: a PostgreSQL URL, or a path relative to the working directory.
+pub fn keys_location(text: &str) -> Result<crate::store::KeysLocation, CommandError> {
+    crate::store::KeysLocation::parse(text, std::path::Path::new("")).map_err(CommandError::Usage)
+}
+
+/// Runs an async command body on a small runtime of its own (the CLI is otherwise sync).
+pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> Result<T, CommandError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CommandError::Usage(format!("cannot start the runtime: {e}")))?;
+    Ok(runtime.block_on(future))
 }
 
 /// Parses `90d`, `12h` (from now) or an RFC 3339 time, into an RFC 3339 UTC string.

@@ -1,87 +1,29 @@
 //! The self-service key API, served on the main listener under a reserved prefix and never
-//! forwarded. Callers authenticate with their own key; `authz` decides what they may do; changes
-//! go through the keys file (locked, atomically replaced) and are applied to the live snapshot
-//! before the answer, so a new key works on the very next request.
+//! forwarded. Callers authenticate with their own key; `authz` decides what they may do; every
+//! change is one [`Edit`] applied by the store (file or PostgreSQL), after which the live state
+//! catches up with the store, so a new key works on the very next request.
 
 pub mod authz;
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::cli::{expiry_from, format_time};
-use crate::keys::entry;
-use crate::keys::file::{self, KeyEntry, KeysFile};
+use crate::cli::format_time;
+use crate::keys::entry::{self, KeyEntry};
 use crate::keys::{secret, Key};
 use crate::policy::grant::Access;
 use crate::proxy::ProxyBody;
 use crate::reload::Loader;
 use crate::state::Snapshot;
-use crate::watch::FileVersion;
+use crate::store::{Edit, Listed, StoreError};
 use authz::Refused;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
-
-/// Where keys live. The file is the only implementation today; a shared store for fleets would
-/// implement the same two operations.
-pub trait KeyRepository: Send + Sync {
-    /// Reads every key entry.
-    fn read(&self) -> anyhow::Result<Arc<KeysFile>>;
-    /// Changes the entries under an exclusive lock, persists them atomically, and calls `apply`
-    /// with the new content while still holding the lock, so the live state can never be set to
-    /// an older version than another writer's.
-    fn update(
-        &self,
-        change: &mut dyn FnMut(&mut KeysFile) -> anyhow::Result<()>,
-        apply: &mut dyn FnMut(&str) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()>;
-}
-
-/// The keys file as a repository. Reads are parsed once per file version, so listing keys does
-/// not re-read a large keys file on every request.
-pub struct FileRepository {
-    path: PathBuf,
-    cache: Mutex<Option<(FileVersion, Arc<KeysFile>)>>,
-}
-
-impl FileRepository {
-    /// A repository over the keys file at `path`.
-    pub fn new(path: PathBuf) -> Self {
-        FileRepository {
-            path,
-            cache: Mutex::new(None),
-        }
-    }
-}
-
-impl KeyRepository for FileRepository {
-    fn read(&self) -> anyhow::Result<Arc<KeysFile>> {
-        let version = crate::watch::version(&self.path);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(v), Some((cached, file))) = (version, cache.as_ref()) {
-            if v == *cached {
-                return Ok(file.clone());
-            }
-        }
-        let file = Arc::new(file::load(&self.path).map_err(|p| anyhow::anyhow!("{p}"))?);
-        *cache = version.map(|v| (v, file.clone()));
-        Ok(file)
-    }
-
-    fn update(
-        &self,
-        change: &mut dyn FnMut(&mut KeysFile) -> anyhow::Result<()>,
-        apply: &mut dyn FnMut(&str) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        file::update_then(&self.path, |f| change(f), |text| apply(text))?;
-        Ok(())
-    }
-}
 
 /// One audited key-management action.
 #[derive(Debug, Clone)]
@@ -103,14 +45,12 @@ pub struct KeyAction {
 /// The key API.
 pub struct KeyApi {
     prefix: String,
-    repository: Box<dyn KeyRepository>,
     loader: Arc<Loader>,
-    write_lock: Mutex<()>,
     on_action: Box<dyn Fn(KeyAction) + Send + Sync>,
     max_keys_per_principal: usize,
 }
 
-/// An answer plus the action to audit, if the request was one.
+/// An answer, and whether it was a refusal for lack of permission.
 pub struct Handled {
     /// The HTTP answer.
     pub response: Response<ProxyBody>,
@@ -126,6 +66,28 @@ enum ApiError {
 impl From<Refused> for ApiError {
     fn from(r: Refused) -> Self {
         ApiError::Refused(r)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => not_found(),
+            StoreError::Quota { .. } => {
+                ApiError::Problem(StatusCode::CONFLICT, "Conflict", e.to_string())
+            }
+            StoreError::Invalid(detail) => bad_request(detail),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "key API: key store unavailable");
+                ApiError::Problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service unavailable",
+                    "The key store cannot be reached; nothing was changed. Try again shortly."
+                        .into(),
+                )
+            }
+            StoreError::Failed(cause) => internal(cause),
+        }
     }
 }
 
@@ -145,8 +107,10 @@ fn not_yet_loaded() -> ApiError {
     )
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    tracing::error!(error = %e, "key API failure");
+/// A failure the caller cannot fix: the cause goes to the log, the caller learns that nothing
+/// was changed (true: every store edit is all or nothing).
+fn internal(cause: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %cause, "key API: the key store could not be changed");
     ApiError::Problem(
         StatusCode::INTERNAL_SERVER_ERROR,
         "Internal error",
@@ -154,20 +118,19 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
+type Answer = Result<(StatusCode, serde_json::Value), ApiError>;
+
 impl KeyApi {
-    /// A key API under `prefix` over `repository`, applying changes through `loader`.
+    /// A key API under `prefix`; changes go to the loader's store.
     pub fn new(
         prefix: String,
-        repository: Box<dyn KeyRepository>,
         loader: Arc<Loader>,
         on_action: Box<dyn Fn(KeyAction) + Send + Sync>,
         max_keys_per_principal: usize,
     ) -> Self {
         KeyApi {
             prefix: prefix.trim_end_matches('/').to_string(),
-            repository,
             loader,
-            write_lock: Mutex::new(()),
             on_action,
             max_keys_per_principal,
         }
@@ -218,33 +181,35 @@ impl KeyApi {
                 };
             }
         };
-        let api = self.clone();
-        let rid = request_id.to_string();
-        let result = tokio::task::spawn_blocking(move || {
-            let Some(caller) = snapshot.keys.get(caller) else {
-                return Err(not_found());
-            };
-            api.route(&method, &rest, &query, &body, &snapshot, caller)
-        })
-        .await
-        .unwrap_or_else(|e| Err(internal(e)));
+        let result = match snapshot.keys.get(caller) {
+            Some(caller) => {
+                self.route(&method, &rest, &query, &body, &snapshot, caller)
+                    .await
+            }
+            None => Err(not_found()),
+        };
         match result {
             Ok((status, json)) => Handled {
                 response: json_response(status, json),
                 forbidden: false,
             },
             Err(ApiError::Refused(r)) => Handled {
-                response: problem(StatusCode::FORBIDDEN, "Forbidden", &r.to_string(), &rid),
+                response: problem(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &r.to_string(),
+                    request_id,
+                ),
                 forbidden: true,
             },
             Err(ApiError::Problem(status, title, detail)) => Handled {
-                response: problem(status, title, &detail, &rid),
+                response: problem(status, title, &detail, request_id),
                 forbidden: false,
             },
         }
     }
 
-    fn route(
+    async fn route(
         &self,
         method: &Method,
         rest: &str,
@@ -252,20 +217,22 @@ impl KeyApi {
         body: &[u8],
         snapshot: &Snapshot,
         caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    ) -> Answer {
         let parts: Vec<&str> = if rest.is_empty() {
             Vec::new()
         } else {
             rest.split('/').collect()
         };
         match (method, parts.as_slice()) {
-            (&Method::POST, []) => self.create(body, snapshot, caller),
-            (&Method::GET, []) => self.list(query, snapshot, caller),
-            (&Method::GET, [id]) => self.get(id, snapshot, caller),
-            (&Method::POST, [id, "activate"]) => self.set_active(id, true, snapshot, caller),
-            (&Method::POST, [id, "deactivate"]) => self.set_active(id, false, snapshot, caller),
-            (&Method::POST, [id, "rotate"]) => self.rotate(id, body, snapshot, caller),
-            (&Method::DELETE, [id]) => self.revoke(id, snapshot, caller),
+            (&Method::POST, []) => self.create(body, snapshot, caller).await,
+            (&Method::GET, []) => self.list(query, snapshot, caller).await,
+            (&Method::GET, [id]) => self.get(id, snapshot, caller).await,
+            (&Method::POST, [id, "activate"]) => self.set_active(id, true, snapshot, caller).await,
+            (&Method::POST, [id, "deactivate"]) => {
+                self.set_active(id, false, snapshot, caller).await
+            }
+            (&Method::POST, [id, "rotate"]) => self.rotate(id, body, snapshot, caller).await,
+            (&Method::DELETE, [id]) => self.revoke(id, snapshot, caller).await,
             _ => Err(ApiError::Problem(
                 StatusCode::NOT_FOUND,
                 "Not found",
@@ -274,13 +241,7 @@ impl KeyApi {
         }
     }
 
-    fn audit(
-        &self,
-        action: &'static str,
-        caller: Key<'_>,
-        target: (&str, &str),
-        result: &Result<(StatusCode, serde_json::Value), ApiError>,
-    ) {
+    fn audit(&self, action: &'static str, caller: Key<'_>, target: (&str, &str), result: &Answer) {
         let result = match result {
             Ok(_) => "ok".to_string(),
             Err(ApiError::Refused(r)) => r.to_string(),
@@ -290,18 +251,13 @@ impl KeyApi {
             action,
             key_id: caller.id().to_string(),
             principal: caller.principal().name.to_string(),
-            target_key_id: target.0.to_string(),
+            target_key_id: secret::mask_in_path(target.0).into_owned(),
             target_principal: target.1.to_string(),
             result,
         });
     }
 
-    fn create(
-        &self,
-        body: &[u8],
-        snapshot: &Snapshot,
-        caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    async fn create(&self, body: &[u8], snapshot: &Snapshot, caller: Key<'_>) -> Answer {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct CreateBody {
@@ -310,27 +266,26 @@ impl KeyApi {
             purpose: Option<String>,
             expires: Option<String>,
         }
+        let own = caller.principal().name.to_string();
         let req: CreateBody = match parse_body(body) {
             Ok(req) => req,
             Err(e) => {
                 let refused = Err(e);
-                let own = caller.principal().name.to_string();
                 self.audit("key_create", caller, ("", &own), &refused);
                 return refused;
             }
         };
-        let target = req
-            .principal
-            .clone()
-            .unwrap_or_else(|| caller.principal().name.to_string());
-        let result = self.create_inner(
-            req.scopes,
-            req.purpose,
-            req.expires,
-            &target,
-            snapshot,
-            caller,
-        );
+        let target = req.principal.clone().unwrap_or(own);
+        let result = self
+            .create_inner(
+                req.scopes,
+                req.purpose,
+                req.expires,
+                &target,
+                snapshot,
+                caller,
+            )
+            .await;
         let new_id = result
             .as_ref()
             .ok()
@@ -344,7 +299,7 @@ impl KeyApi {
         result
     }
 
-    fn create_inner(
+    async fn create_inner(
         &self,
         scopes: Option<Vec<String>>,
         purpose: Option<String>,
@@ -352,7 +307,7 @@ impl KeyApi {
         target: &str,
         snapshot: &Snapshot,
         caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    ) -> Answer {
         let policy = &snapshot.policy;
         authz::may(policy, caller, target, Access::Write)?;
         let principal = policy
@@ -368,73 +323,47 @@ impl KeyApi {
         }
         let now = time::OffsetDateTime::now_utc();
         let expires = expires
-            .map(|e| expiry_from(&e, now))
+            .map(|e| crate::cli::keys::future_expiry(&e, now))
             .transpose()
             .map_err(bad_request)?;
         let created = format_time(now).map_err(internal)?;
+        let store = self.loader.store();
+        let caller_scopes = store
+            .entry(caller.id())
+            .await?
+            .and_then(|listed| listed.entry.scopes);
+        let scopes = authz::scopes_for_new_key(
+            policy,
+            caller,
+            caller_scopes.as_deref(),
+            &principal,
+            scopes.as_deref(),
+        )?;
         let new = secret::generate();
-        let max_keys = self.max_keys_per_principal;
-        let mut outcome: Option<Result<KeyEntry, ApiError>> = None;
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let written = self.repository.update(
-            &mut |f: &mut KeysFile| {
-                let caller_scopes = f
-                    .keys
-                    .iter()
-                    .find(|k| *k.id == *caller.id())
-                    .and_then(|k| k.scopes.clone());
-                let scopes = match authz::scopes_for_new_key(
-                    policy,
-                    caller,
-                    caller_scopes.as_deref(),
-                    &principal,
-                    scopes.as_deref(),
-                ) {
-                    Ok(s) => s,
-                    Err(r) => {
-                        outcome = Some(Err(r.into()));
-                        anyhow::bail!("refused");
-                    }
-                };
-                if f.keys.iter().filter(|k| k.principal == target).count() >= max_keys {
-                    outcome = Some(Err(ApiError::Problem(
-                        StatusCode::CONFLICT,
-                        "Conflict",
-                        format!("principal {target:?} already holds {max_keys} keys, the most allowed; revoke unused keys first"),
-                    )));
-                    anyhow::bail!("quota");
-                }
-                let entry = KeyEntry::for_new_key(
-                    &new,
-                    target,
-                    scopes,
-                    purpose.clone(),
-                    created.clone(),
-                    expires.clone(),
-                );
-                f.keys.push(entry.clone());
-                outcome = Some(Ok(entry));
-                Ok(())
-            },
-            &mut |text| self.apply(text),
-        );
-        let entry = match (written, outcome) {
-            (Ok(()), Some(Ok(entry))) => entry,
-            (_, Some(Err(e))) => return Err(e),
-            (Err(e), _) => return Err(internal(e)),
-            (Ok(()), None) => return Err(internal("the change was not run")),
-        };
-        let mut json = key_object(&entry, self.loader.state().load().keys.by_id(&entry.id));
+        let entry =
+            KeyEntry::for_new_key(&new.material(), target, scopes, purpose, created, expires);
+        store
+            .apply(Edit::Create {
+                entry: entry.clone(),
+                max_per_principal: Some(self.max_keys_per_principal),
+            })
+            .await?;
+        self.catch_up().await;
+        let mut json = self.key_object(&unmetered(entry));
         json["key"] = serde_json::Value::from(new.secret);
         Ok((StatusCode::CREATED, json))
     }
 
-    fn list(
-        &self,
-        query: &str,
-        snapshot: &Snapshot,
-        caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    /// Makes the live state follow the store before the caller hears back.
+    async fn catch_up(&self) {
+        if let crate::reload::ReloadOutcome::Rejected { problems, .. } =
+            self.loader.catch_up().await
+        {
+            tracing::warn!(%problems, "key API: the change is stored but not yet live");
+        }
+    }
+
+    async fn list(&self, query: &str, snapshot: &Snapshot, caller: Key<'_>) -> Answer {
         let policy = &snapshot.policy;
         let filter = query
             .split('&')
@@ -452,110 +381,78 @@ impl KeyApi {
                 Some(own)
             }
         };
-        let file = self.repository.read().map_err(internal)?;
-        let keys: Vec<serde_json::Value> = file
-            .keys
-            .iter()
-            .filter(|k| filter.as_deref().is_none_or(|p| k.principal == p))
-            .map(|k| key_object(k, snapshot.keys.by_id(&k.id)))
-            .collect();
+        let listed = self.loader.store().entries(filter.as_deref()).await?;
+        let keys: Vec<serde_json::Value> = listed.iter().map(|l| self.key_object(l)).collect();
         Ok((StatusCode::OK, serde_json::json!({ "keys": keys })))
     }
 
     /// Finds an entry the caller may see, or 404 (never revealing that it exists).
-    fn visible(
+    async fn visible(
         &self,
         id: &str,
         snapshot: &Snapshot,
         caller: Key<'_>,
-    ) -> Result<KeyEntry, ApiError> {
-        let file = self.repository.read().map_err(internal)?;
-        let entry = file
-            .keys
-            .iter()
-            .find(|k| k.id == id)
-            .cloned()
-            .ok_or_else(not_found)?;
-        authz::may(&snapshot.policy, caller, &entry.principal, Access::Read)
-            .map_err(|_| not_found())?;
-        Ok(entry)
+    ) -> Result<Listed, ApiError> {
+        let listed = self.loader.store().entry(id).await?.ok_or_else(not_found)?;
+        authz::may(
+            &snapshot.policy,
+            caller,
+            &listed.entry.principal,
+            Access::Read,
+        )
+        .map_err(|_| not_found())?;
+        Ok(listed)
     }
 
-    fn get(
+    async fn get(&self, id: &str, snapshot: &Snapshot, caller: Key<'_>) -> Answer {
+        let listed = self.visible(id, snapshot, caller).await?;
+        Ok((StatusCode::OK, self.key_object(&listed)))
+    }
+
+    /// The entry `id` if the caller may change it.
+    async fn writable(
         &self,
         id: &str,
         snapshot: &Snapshot,
         caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
-        let entry = self.visible(id, snapshot, caller)?;
-        Ok((StatusCode::OK, key_object(&entry, snapshot.keys.by_id(id))))
+    ) -> Result<Listed, ApiError> {
+        let listed = self.visible(id, snapshot, caller).await?;
+        authz::may(
+            &snapshot.policy,
+            caller,
+            &listed.entry.principal,
+            Access::Write,
+        )?;
+        Ok(listed)
     }
 
-    /// Runs a change on one existing entry the caller may write, then applies the new file.
-    fn change_entry(
-        &self,
-        id: &str,
-        snapshot: &Snapshot,
-        caller: Key<'_>,
-        change: &mut dyn FnMut(&mut KeysFile, usize) -> Result<(), ApiError>,
-    ) -> Result<KeyEntry, ApiError> {
-        let entry = self.visible(id, snapshot, caller)?;
-        authz::may(&snapshot.policy, caller, &entry.principal, Access::Write)?;
-        let mut outcome: Result<(), ApiError> = Ok(());
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let written = self.repository.update(
-            &mut |f: &mut KeysFile| {
-                let Some(index) = f.keys.iter().position(|k| k.id == id) else {
-                    outcome = Err(not_found());
-                    anyhow::bail!("gone");
-                };
-                if let Err(e) = change(f, index) {
-                    outcome = Err(e);
-                    anyhow::bail!("refused");
-                }
-                Ok(())
-            },
-            &mut |text| self.apply(text),
-        );
-        outcome?;
-        written.map_err(internal)?;
-        Ok(entry)
-    }
-
-    /// Puts freshly written keys live; runs under the keys-file lock.
-    fn apply(&self, text: &str) -> anyhow::Result<()> {
-        self.loader
-            .apply_keys_text(text)
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("the keys file was written but could not be applied: {e}"))
-    }
-
-    fn set_active(
+    async fn set_active(
         &self,
         id: &str,
         active: bool,
         snapshot: &Snapshot,
         caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
-        let mut updated: Option<KeyEntry> = None;
-        let result = self
-            .change_entry(id, snapshot, caller, &mut |f, i| {
-                // Turning a key back on gives its access back: only to a caller who holds it all.
-                if active && !f.keys[i].active {
-                    let old = snapshot.keys.by_id(id).ok_or_else(not_yet_loaded)?;
-                    authz::within_caller(&snapshot.policy, caller, old.grants())?;
-                }
-                f.keys[i].active = active;
-                updated = Some(f.keys[i].clone());
-                Ok(())
-            })
-            .map(|entry| {
-                let entry = updated.clone().unwrap_or(entry);
-                (
-                    StatusCode::OK,
-                    key_object(&entry, self.loader.state().load().keys.by_id(id)),
-                )
-            });
+    ) -> Answer {
+        let result = async {
+            let listed = self.writable(id, snapshot, caller).await?;
+            // Turning a key back on gives its access back: only to a caller who holds it all.
+            if active && !listed.entry.active {
+                let old = snapshot.keys.by_id(id).ok_or_else(not_yet_loaded)?;
+                authz::within_caller(&snapshot.policy, caller, old.grants())?;
+            }
+            let applied = self
+                .loader
+                .store()
+                .apply(Edit::SetActive {
+                    id: id.to_string(),
+                    active,
+                })
+                .await?;
+            self.catch_up().await;
+            let entry = applied.after.unwrap_or(listed.entry);
+            Ok((StatusCode::OK, self.key_object(&Listed { entry, ..listed })))
+        }
+        .await;
         let action = if active {
             "key_activate"
         } else {
@@ -565,67 +462,65 @@ impl KeyApi {
         result
     }
 
-    fn revoke(
-        &self,
-        id: &str,
-        snapshot: &Snapshot,
-        caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
-        let result = self
-            .change_entry(id, snapshot, caller, &mut |f, i| {
-                f.keys.remove(i);
-                Ok(())
-            })
-            .map(|_| (StatusCode::NO_CONTENT, serde_json::Value::Null));
+    async fn revoke(&self, id: &str, snapshot: &Snapshot, caller: Key<'_>) -> Answer {
+        let result = async {
+            self.writable(id, snapshot, caller).await?;
+            self.loader
+                .store()
+                .apply(Edit::Revoke { id: id.to_string() })
+                .await?;
+            self.catch_up().await;
+            Ok((StatusCode::NO_CONTENT, serde_json::Value::Null))
+        }
+        .await;
         self.audit_target("key_revoke", caller, id, snapshot, &result);
         result
     }
 
-    fn rotate(
-        &self,
-        id: &str,
-        body: &[u8],
-        snapshot: &Snapshot,
-        caller: Key<'_>,
-    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    async fn rotate(&self, id: &str, body: &[u8], snapshot: &Snapshot, caller: Key<'_>) -> Answer {
         #[derive(serde::Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct RotateBody {
             overlap: Option<String>,
         }
-        let req: RotateBody = if body.is_empty() {
-            RotateBody::default()
-        } else {
-            parse_body(body)?
-        };
-        let overlap = crate::cli::parse_overlap(req.overlap.as_deref()).map_err(bad_request)?;
-        let now = time::OffsetDateTime::now_utc();
-        let old_expiry = crate::cli::later(now, overlap)
-            .and_then(format_time)
-            .map_err(bad_request)?;
-        let created = format_time(now).map_err(internal)?;
-        let new = secret::generate();
-        let mut successor: Option<KeyEntry> = None;
-        let result = self
-            .change_entry(id, snapshot, caller, &mut |f, i| {
-                // The successor has the old key's access, so the caller must hold all of it. A key
-                // the live state does not know yet (just written by the CLI) cannot be checked.
-                let old = snapshot.keys.by_id(id).ok_or_else(not_yet_loaded)?;
-                authz::within_caller(&snapshot.policy, caller, old.grants())?;
-                let entry = f.keys[i].rotate_to(&new, created.clone(), old_expiry.clone());
-                f.keys.push(entry.clone());
-                successor = Some(entry);
-                Ok(())
-            })
-            .and_then(|_| {
-                let entry = successor
-                    .clone()
-                    .ok_or_else(|| internal("rotation produced no key"))?;
-                let mut json = key_object(&entry, self.loader.state().load().keys.by_id(&entry.id));
-                json["key"] = serde_json::Value::from(new.secret.clone());
-                json["replaces"] = serde_json::Value::from(id);
-                Ok((StatusCode::CREATED, json))
-            });
+        let result = async {
+            let req: RotateBody = if body.is_empty() {
+                RotateBody::default()
+            } else {
+                parse_body(body)?
+            };
+            let overlap = crate::cli::parse_overlap(req.overlap.as_deref()).map_err(bad_request)?;
+            let now = time::OffsetDateTime::now_utc();
+            let old_expiry = crate::cli::later(now, overlap)
+                .and_then(format_time)
+                .map_err(bad_request)?;
+            let created = format_time(now).map_err(internal)?;
+            self.writable(id, snapshot, caller).await?;
+            // The successor has the old key's access, so the caller must hold all of it. A key
+            // the live state does not know yet (just written elsewhere) cannot be checked.
+            let old = snapshot.keys.by_id(id).ok_or_else(not_yet_loaded)?;
+            authz::within_caller(&snapshot.policy, caller, old.grants())?;
+            let new = secret::generate();
+            let applied = self
+                .loader
+                .store()
+                .apply(Edit::Rotate {
+                    id: id.to_string(),
+                    new: new.material(),
+                    created,
+                    old_expiry,
+                })
+                .await?;
+            self.catch_up().await;
+            let entry = applied
+                .after
+                .ok_or_else(|| internal("rotation produced no key"))?;
+            let mut json = self.key_object(&unmetered(entry));
+            json["key"] = serde_json::Value::from(new.secret);
+            json["replaces"] = serde_json::Value::from(id);
+            Ok((StatusCode::CREATED, json))
+        }
+        .await;
         self.audit_target("key_rotate", caller, id, snapshot, &result);
         result
     }
@@ -636,14 +531,54 @@ impl KeyApi {
         caller: Key<'_>,
         id: &str,
         snapshot: &Snapshot,
-        result: &Result<(StatusCode, serde_json::Value), ApiError>,
+        result: &Answer,
     ) {
         let principal = snapshot
             .keys
             .by_id(id)
             .map_or(String::new(), |k| k.principal().name.to_string());
-        let id = secret::mask_in_path(id);
-        self.audit(action, caller, (&id, &principal), result);
+        self.audit(action, caller, (id, &principal), result);
+    }
+
+    /// The key object: never the key or its hash. Usage is the store's fleet-wide total plus
+    /// what this proxy has not flushed yet, or this proxy's own count for a keys file.
+    fn key_object(&self, listed: &Listed) -> serde_json::Value {
+        let state = self.loader.state().load_full();
+        let live = state.keys.by_id(&listed.entry.id);
+        let local_calls = live.map_or(0, |k| {
+            if listed.calls.is_some() {
+                k.usage().unflushed()
+            } else {
+                k.usage().calls()
+            }
+        });
+        let last_used = [listed.last_used, live.and_then(|k| k.usage().last_used())]
+            .into_iter()
+            .flatten()
+            .max()
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(|t| format_time(t).ok());
+        let e = &listed.entry;
+        serde_json::json!({
+            "id": e.id,
+            "prefix": e.prefix,
+            "principal": e.principal,
+            "scopes": e.scopes,
+            "purpose": e.purpose,
+            "active": e.active,
+            "created": e.created,
+            "expires": e.expires,
+            "calls": listed.calls.unwrap_or(0) + local_calls,
+            "last_used": last_used,
+        })
+    }
+}
+
+fn unmetered(entry: KeyEntry) -> Listed {
+    Listed {
+        entry,
+        calls: None,
+        last_used: None,
     }
 }
 
@@ -654,26 +589,6 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         body
     };
     serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
-}
-
-/// The key object: never the key or its hash.
-fn key_object(entry: &KeyEntry, live: Option<Key<'_>>) -> serde_json::Value {
-    let last_used = live
-        .and_then(|k| k.usage().last_used())
-        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
-        .and_then(|t| format_time(t).ok());
-    serde_json::json!({
-        "id": entry.id,
-        "prefix": entry.prefix,
-        "principal": entry.principal,
-        "scopes": entry.scopes,
-        "purpose": entry.purpose,
-        "active": entry.active,
-        "created": entry.created,
-        "expires": entry.expires,
-        "calls": live.map_or(0, |k| k.usage().calls()),
-        "last_used": last_used,
-    })
 }
 
 fn json_response(status: StatusCode, json: serde_json::Value) -> Response<ProxyBody> {

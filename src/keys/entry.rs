@@ -59,7 +59,7 @@ pub struct KeyEntry {
 impl KeyEntry {
     /// The entry for a freshly made key.
     pub fn for_new_key(
-        new: &super::secret::NewKey,
+        new: &super::secret::KeyMaterial,
         principal: &str,
         scopes: Option<Vec<String>>,
         purpose: Option<String>,
@@ -84,7 +84,7 @@ impl KeyEntry {
     /// never revives or extends the old key.
     pub fn rotate_to(
         &mut self,
-        new: &super::secret::NewKey,
+        new: &super::secret::KeyMaterial,
         created: String,
         old_expiry: String,
     ) -> KeyEntry {

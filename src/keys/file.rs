@@ -126,14 +126,16 @@ pub fn render(file: &KeysFile) -> String {
     super::reader::render(file)
 }
 
+/// Makes a file readable by its owner only: key hashes are not for everyone.
 #[cfg(unix)]
-fn set_private(file: &std::fs::File) -> std::io::Result<()> {
+pub fn set_private(file: &std::fs::File) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
+/// Makes a file readable by its owner only (nothing to do here).
 #[cfg(not(unix))]
-fn set_private(_file: &std::fs::File) -> std::io::Result<()> {
+pub fn set_private(_file: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 

@@ -35,6 +35,7 @@ use reader::{EntryLines, ReadError};
 pub struct Usage {
     calls: AtomicU64,
     last_used: AtomicI64,
+    flushed: AtomicU64,
 }
 
 impl Usage {
@@ -55,6 +56,17 @@ impl Usage {
         let t = self.last_used.load(Ordering::Relaxed);
         (t > 0).then_some(t)
     }
+
+    /// Calls not yet added to a shared store.
+    pub fn unflushed(&self) -> u64 {
+        self.calls()
+            .saturating_sub(self.flushed.load(Ordering::Relaxed))
+    }
+
+    /// Records that `n` more calls reached the shared store.
+    pub fn mark_flushed(&self, n: u64) {
+        self.flushed.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Usage cells for every key a process has loaded, append-only and lock-free. Each store maps
@@ -73,6 +85,7 @@ impl UsageTable {
         static UNUSED: Usage = Usage {
             calls: AtomicU64::new(0),
             last_used: AtomicI64::new(0),
+            flushed: AtomicU64::new(0),
         };
         self.slots.get(slot as usize).unwrap_or(&UNUSED)
     }
@@ -420,7 +433,8 @@ impl KeyStore {
                 }
             }
         }
-        let mut builder = StoreBuilder::new(policy, Some(self), usage, changed.upserts.len());
+        let mut builder =
+            StoreBuilder::new(policy, Some(self), usage, changed.upserts.len()).lenient();
         for (n, entry) in changed.upserts.values().enumerate() {
             builder.add(entry.clone(), &|_| (n + 1, 0));
         }
@@ -466,6 +480,7 @@ pub struct StoreBuilder<'a> {
     unscoped_slots: HashMap<u32, u32>,
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
+    lenient: bool,
 }
 
 impl<'a> StoreBuilder<'a> {
@@ -485,6 +500,7 @@ impl<'a> StoreBuilder<'a> {
             unscoped_slots: HashMap::new(),
             errors: Vec::new(),
             warnings: Vec::new(),
+            lenient: false,
         }
     }
 
@@ -499,7 +515,7 @@ impl<'a> StoreBuilder<'a> {
                 "key {:?}: hash must be \"sha256:\" followed by 64 hex digits",
                 entry.id
             );
-            return self.errors.push(problem("hash", message));
+            return self.fail(problem("hash", message));
         };
         let mut times = [NO_TIME; 2];
         for (slot, (field, value)) in times
@@ -511,7 +527,7 @@ impl<'a> StoreBuilder<'a> {
                 Some(Ok(t)) => *slot = t,
                 Some(Err(e)) => {
                     let message = format!("key {:?}: {field}: {e}", entry.id);
-                    return self.errors.push(problem(field, message));
+                    return self.fail(problem(field, message));
                 }
             }
         }
@@ -559,7 +575,7 @@ impl<'a> StoreBuilder<'a> {
             hashbrown::hash_table::Entry::Vacant(v) => v,
             hashbrown::hash_table::Entry::Occupied(_) => {
                 let message = format!("key {:?} has the same hash as another key", entry.id);
-                return self.errors.push(problem("hash", message));
+                return self.fail(problem("hash", message));
             }
         };
         let id_hash = id_hasher.hash_one(entry.id.as_str());
@@ -571,7 +587,7 @@ impl<'a> StoreBuilder<'a> {
             hashbrown::hash_table::Entry::Vacant(v) => v,
             hashbrown::hash_table::Entry::Occupied(_) => {
                 let message = format!("duplicate key id {:?}", entry.id);
-                return self.errors.push(problem("id", message));
+                return self.fail(problem("id", message));
             }
         };
         let slot = self
@@ -642,7 +658,7 @@ impl<'a> StoreBuilder<'a> {
                 }
                 Err(e) => {
                     let message = format!("key {:?}: {e}", entry.id);
-                    self.errors.push(problem("scopes", message));
+                    self.fail(problem("scopes", message));
                     return None;
                 }
             }
@@ -653,6 +669,26 @@ impl<'a> StoreBuilder<'a> {
             .push(grant::intersect_sets(&principal.grants, &compiled).into());
         self.grant_set_slots.insert(cache_key, slot);
         Some(slot)
+    }
+
+    /// Reads entries from a shared store: an entry that would reject a file (a bad hash, a
+    /// duplicate) is left out with a warning instead, so one bad row never takes every
+    /// proxy's keys down.
+    pub fn lenient(mut self) -> Self {
+        self.lenient = true;
+        self
+    }
+
+    fn fail(&mut self, problem: Problem) {
+        if self.lenient {
+            self.warnings.push(Problem::at(
+                problem.line,
+                problem.column,
+                format!("{}; the key is left out", problem.message),
+            ));
+        } else {
+            self.errors.push(problem);
+        }
     }
 
     /// The store, or every error found.
@@ -796,6 +832,19 @@ pub fn compile_path(
 fn read_problem(e: &std::io::Error) -> Problem {
     let hint = crate::diagnostic::read_hint(e);
     Problem::at(0, 0, format!("cannot read keys file: {e}{hint}"))
+}
+
+/// What to say when the keys file cannot be opened at all: for a missing one, how to make it.
+pub fn missing_keys_message(path: &Path, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        format!(
+            "{}: the keys file does not exist yet: create it with `portcullis keys create --keys {} --principal NAME`, or write an empty one (`version: 1` and `keys: []`)",
+            path.display(),
+            path.display()
+        )
+    } else {
+        format!("{}: cannot read keys file: {e}", path.display())
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, the form this tool writes, without a general date parser: a million

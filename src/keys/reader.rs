@@ -473,40 +473,47 @@ fn quote(text: &str) -> String {
 
 /// Writes the canonical form: every value a JSON string (valid YAML), one field per line.
 pub fn render(file: &KeysFile) -> String {
-    use std::fmt::Write;
-    let q = |s: &str| quote(s);
     let mut out = String::with_capacity(64 + file.keys.len() * 260);
-    out.push_str("# portcullis keys: SHA-256 hashes only, never a plaintext key.\n");
-    out.push_str("# Managed by `portcullis keys ...` and the key API; hand edits are fine.\n");
-    let _ = writeln!(out, "version: {}", file.version);
-    if file.keys.is_empty() {
-        out.push_str("keys: []\n");
-        return out;
-    }
-    out.push_str("keys:\n");
+    render_header(&mut out, file.version, file.keys.is_empty());
     for k in &file.keys {
-        // The narrowing fields come first and the hash last: an entry cut short by a partial
-        // write lacks its hash and is refused, rather than loading wider than written.
-        let _ = writeln!(out, "  - id: {}", q(&k.id));
-        let _ = writeln!(out, "    prefix: {}", q(&k.prefix));
-        let _ = writeln!(out, "    principal: {}", q(&k.principal));
-        if let Some(scopes) = &k.scopes {
-            let items: Vec<String> = scopes.iter().map(|s| q(s)).collect();
-            let _ = writeln!(out, "    scopes: [{}]", items.join(", "));
-        }
-        let _ = writeln!(out, "    active: {}", k.active);
-        if let Some(e) = &k.expires {
-            let _ = writeln!(out, "    expires: {}", q(e));
-        }
-        if let Some(p) = &k.purpose {
-            let _ = writeln!(out, "    purpose: {}", q(p));
-        }
-        if let Some(c) = &k.created {
-            let _ = writeln!(out, "    created: {}", q(c));
-        }
-        let _ = writeln!(out, "    hash: {}", q(&k.hash));
+        render_entry(&mut out, k);
     }
     out
+}
+
+/// The file's first lines; `empty` writes `keys: []`.
+pub fn render_header(out: &mut String, version: u32, empty: bool) {
+    use std::fmt::Write;
+    out.push_str("# portcullis keys: SHA-256 hashes only, never a plaintext key.\n");
+    out.push_str("# Managed by `portcullis keys ...` and the key API; hand edits are fine.\n");
+    let _ = writeln!(out, "version: {version}");
+    out.push_str(if empty { "keys: []\n" } else { "keys:\n" });
+}
+
+/// One entry in canonical form.
+pub fn render_entry(out: &mut String, k: &KeyEntry) {
+    use std::fmt::Write;
+    let q = |s: &str| quote(s);
+    // The narrowing fields come first and the hash last: an entry cut short by a partial
+    // write lacks its hash and is refused, rather than loading wider than written.
+    let _ = writeln!(out, "  - id: {}", q(&k.id));
+    let _ = writeln!(out, "    prefix: {}", q(&k.prefix));
+    let _ = writeln!(out, "    principal: {}", q(&k.principal));
+    if let Some(scopes) = &k.scopes {
+        let items: Vec<String> = scopes.iter().map(|s| q(s)).collect();
+        let _ = writeln!(out, "    scopes: [{}]", items.join(", "));
+    }
+    let _ = writeln!(out, "    active: {}", k.active);
+    if let Some(e) = &k.expires {
+        let _ = writeln!(out, "    expires: {}", q(e));
+    }
+    if let Some(p) = &k.purpose {
+        let _ = writeln!(out, "    purpose: {}", q(p));
+    }
+    if let Some(c) = &k.created {
+        let _ = writeln!(out, "    created: {}", q(c));
+    }
+    let _ = writeln!(out, "    hash: {}", q(&k.hash));
 }
 
 #[cfg(test)]

@@ -24,6 +24,28 @@ pub struct NewKey {
     pub hash: String,
 }
 
+/// What a store keeps of a new key: everything but the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMaterial {
+    /// The public id.
+    pub id: String,
+    /// The first 10 characters.
+    pub prefix: String,
+    /// `sha256:<hex>`.
+    pub hash: String,
+}
+
+impl NewKey {
+    /// The parts a store keeps (never the secret).
+    pub fn material(&self) -> KeyMaterial {
+        KeyMaterial {
+            id: self.id.clone(),
+            prefix: self.prefix.clone(),
+            hash: self.hash.clone(),
+        }
+    }
+}
+
 /// Makes a new random key with the OS's random source.
 pub fn generate() -> NewKey {
     let mut rng = rand::rngs::OsRng;

@@ -40,14 +40,10 @@ pub struct BaseWriter {
 }
 
 impl BaseWriter {
-    /// Starts a new base in `dir` (created if missing); the current cache is invalidated.
+    /// Starts a new base in `dir` (created if missing), beside the current cache, which stays
+    /// valid until [`BaseWriter::finish`].
     pub fn start(dir: &Path) -> std::io::Result<BaseWriter> {
         std::fs::create_dir_all(dir)?;
-        match std::fs::remove_file(dir.join(STATE)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
         let file = tempfile::Builder::new()
             .prefix(".keys-cache-")
             .tempfile_in(dir)?;
@@ -92,6 +88,12 @@ impl BaseWriter {
             return Err(e);
         }
         self.file.as_file().sync_all()?;
+        // The old state goes first: an overlay must never be read against a newer base.
+        match std::fs::remove_file(self.dir.join(STATE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         self.file
             .persist(self.dir.join(BASE))
             .map_err(|e| e.error)?;

@@ -10,7 +10,9 @@ use serde::Deserialize;
 use crate::audit::AuditConfig;
 use crate::diagnostic::{self, FileProblems, Problem};
 use crate::path::MatrixParameters;
+pub use crate::proxy::BackendConfig;
 use crate::store::KeysLocation;
+pub use crate::tls::TlsConfig;
 
 /// The config file as written.
 #[derive(Debug, Deserialize)]
@@ -92,17 +94,6 @@ struct ConnectionsFile {
     body_timeout: Option<String>,
 }
 
-/// `backend:`: what the backend might do with a request that the proxy judges literally. Every
-/// default assumes the backend does it, so the proxy refuses (or judges every reading) rather
-/// than guesses; describe a stricter backend to turn a rule off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BackendConfig {
-    /// Case, `.format` suffixes and `;params`.
-    pub reading: crate::path::BackendReading,
-    /// Underscores, override headers and forwarding headers.
-    pub headers: crate::proxy::headers::HeaderRules,
-}
-
 /// `connections:`: limits on client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionsConfig {
@@ -163,18 +154,6 @@ fn default_key_api_prefix() -> String {
 
 fn default_true() -> bool {
     true
-}
-
-/// `tls:`: terminate TLS on the proxy listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// Certificate chain, PEM.
-    pub cert: PathBuf,
-    /// Private key, PEM.
-    pub key: PathBuf,
-    /// When set, clients must present a certificate signed by this CA (mTLS).
-    pub client_ca: Option<PathBuf>,
 }
 
 /// `upstream_tls:`: trust for an https upstream.

@@ -13,5 +13,16 @@ pub mod service;
 
 use bytes::Bytes;
 
+/// `backend:`: what the backend might do with a request that the proxy judges literally. Every
+/// default assumes the backend does it, so the proxy refuses (or judges every reading) rather
+/// than guesses; describe a stricter backend to turn a rule off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendConfig {
+    /// Case, `.format` suffixes and `;params`.
+    pub reading: crate::path::BackendReading,
+    /// Underscores, override headers and forwarding headers.
+    pub headers: headers::HeaderRules,
+}
+
 /// The body type of every response the proxy sends.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;

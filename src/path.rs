@@ -516,6 +516,19 @@ mod tests {
             let _ = normalise(&path);
         }
 
+        /// Found by fuzzing: only a target hyper accepts (no fragment, no query) must stay
+        /// acceptable; the normaliser itself never turns an acceptable path into a bad one.
+        #[test]
+        fn an_acceptable_target_stays_acceptable(tail in "[!-~]{0,40}") {
+            let raw = format!("/{tail}");
+            let accepted = raw
+                .parse::<http::uri::PathAndQuery>()
+                .is_ok_and(|pq| pq.as_str() == raw);
+            if let (true, Ok(out)) = (accepted, normalise(&raw)) {
+                prop_assert!(out.parse::<http::uri::PathAndQuery>().is_ok(), "{} -> {}", raw, out);
+            }
+        }
+
         #[test]
         fn output_is_a_valid_request_path(path in path_strategy()) {
             let out = normalise(&path).unwrap();

@@ -173,18 +173,17 @@ fn assert_valid_injected_pod(pod: &Value, options: &InjectOptions) -> u16 {
     assert_eq!(config.listen.port(), options.proxy_port);
     assert_eq!(config.admin.port(), options.admin_port);
     assert!(config.policy.starts_with(mount("portcullis-policy")));
-    assert!(config
-        .keys
-        .file()
-        .unwrap()
-        .starts_with(mount("portcullis-keys")));
+    // Keys in a file come from the keys Secret; a PostgreSQL store needs no such volume.
+    if let Some(keys) = config.keys.file() {
+        assert!(keys.starts_with(mount("portcullis-keys")));
+        assert_eq!(
+            volume("portcullis-keys")["secret"]["secretName"],
+            options.secret.as_str()
+        );
+    }
     assert_eq!(
         volume("portcullis-policy")["configMap"]["name"],
         options.config_map.as_str()
-    );
-    assert_eq!(
-        volume("portcullis-keys")["secret"]["secretName"],
-        options.secret.as_str()
     );
     assert!(volume("portcullis-spool")["emptyDir"].is_object());
     assert_eq!(config.upstream.host(), Some("127.0.0.1"));
@@ -626,4 +625,62 @@ async fn webhook_serves_reviews_over_tls_and_reloads_its_certificate() {
         .expect("the injector stops")
         .unwrap()
         .unwrap();
+}
+
+#[test]
+fn the_store_overlay_patches_the_example_into_a_valid_pod_with_keys_in_postgres() {
+    let kustomization = documents(&read("deploy/kubernetes/store/kustomization.yaml"))
+        .pop()
+        .unwrap();
+    let patch_text = kustomization["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["target"]["kind"] == "Deployment")
+        .unwrap()["patch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ops = documents(&patch_text).pop().unwrap();
+    let deployment = documents(&read("deploy/kubernetes/example/deployment.yaml"))
+        .pop()
+        .unwrap();
+    let patched = apply(&deployment, ops.as_array().unwrap());
+    let template = pod_template(&patched);
+    assert_valid_injected_pod(template, &InjectOptions::default());
+    let config_text = template["metadata"]["annotations"]["portcullis.dev/config"]
+        .as_str()
+        .unwrap();
+    let config = portcullis::config::Config::parse(config_text, Path::new("/")).unwrap();
+    assert!(
+        matches!(config.keys, portcullis::store::KeysLocation::Postgres(_)),
+        "{:?}",
+        config.keys
+    );
+    assert!(
+        !config_text.contains("replace-me"),
+        "no password in the config"
+    );
+    let sidecar = &template["spec"]["initContainers"][0];
+    assert_eq!(sidecar["env"][0]["name"], "PGPASSWORD");
+    assert_eq!(
+        sidecar["env"][0]["valueFrom"]["secretKeyRef"]["name"],
+        "portcullis-db"
+    );
+    let mounts: Vec<&str> = strs(sidecar, "/volumeMounts")
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert!(mounts.contains(&"/etc/portcullis/db"), "{mounts:?}");
+    assert!(!mounts.contains(&"/etc/portcullis/keys"), "{mounts:?}");
+    let cache = config.key_cache.unwrap();
+    assert!(
+        cache.starts_with("/var/spool/portcullis"),
+        "the key cache is on the writable spool volume: {cache:?}"
+    );
+    let volumes: Vec<&str> = strs(&template["spec"], "/volumes")
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(!volumes.contains(&"portcullis-keys"), "{volumes:?}");
 }

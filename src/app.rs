@@ -12,6 +12,7 @@ use crate::audit::{AuditEvent, Auditor};
 use crate::config::Config;
 use crate::keyapi::{KeyAction, KeyApi};
 use crate::metrics::Metrics;
+use crate::oauth::{OAuth, OAuthMetrics};
 use crate::proxy::forward::Upstream;
 use crate::proxy::server::{self, ConnectionLimits, ConnectionStats};
 use crate::proxy::service::{RequestIds, Service};
@@ -157,6 +158,18 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         config.upstream_timeout,
         upstream_tls,
     )?;
+    let oauth = match &config.oauth {
+        None => None,
+        Some(oauth) => {
+            let metrics =
+                OAuthMetrics::register(&registry).map_err(|e| RunError::Other(e.into()))?;
+            Some(
+                OAuth::start(oauth, metrics)
+                    .await
+                    .map_err(RunError::Config)?,
+            )
+        }
+    };
     let key_audit = audit.clone();
     let key_api = config.key_api.enabled.then(|| {
         Arc::new(KeyApi::new(
@@ -198,6 +211,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         audit: audit.clone(),
         backend: config.backend,
         body_timeout: config.connections.body_timeout,
+        oauth,
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),

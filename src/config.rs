@@ -40,6 +40,8 @@ struct ConfigFile {
     trust_forwarded: bool,
     backend: Option<BackendFile>,
     connections: Option<ConnectionsFile>,
+    /// Read again with positions by `oauth::config::parse`.
+    oauth: Option<serde_yaml::Value>,
 }
 
 /// `key_store:` as written.
@@ -231,6 +233,8 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Client connection limits and timeouts.
     pub connections: ConnectionsConfig,
+    /// OAuth access tokens, when configured.
+    pub oauth: Option<crate::oauth::OAuthConfig>,
 }
 
 impl Config {
@@ -258,6 +262,7 @@ impl Config {
             trust_forwarded: false,
             backend: BackendConfig::default(),
             connections: ConnectionsConfig::default(),
+            oauth: None,
         }
     }
 
@@ -274,6 +279,7 @@ impl Config {
         let file: ConfigFile =
             serde_yaml::from_str(source).map_err(|e| vec![diagnostic::from_serde_yaml(&e)])?;
         let mut problems = Vec::new();
+        let mut problems_from_oauth = Vec::new();
         let mut fail = |field: &str, message: String| {
             let (line, column) = locate_field(source, field);
             problems.push(Problem::at(line, column, message));
@@ -373,6 +379,12 @@ impl Config {
             headers.method_override = b.method_override.unwrap_or(headers.method_override);
             headers.underscores = b.underscores_in_headers.unwrap_or(headers.underscores);
         }
+        if file.oauth.is_some() {
+            match crate::oauth::config::parse(source, base) {
+                Ok(oauth) => config.oauth = oauth,
+                Err(found) => problems_from_oauth.extend(found),
+            }
+        }
         if let Some(c) = &file.connections {
             let limits = &mut config.connections;
             match c.max {
@@ -458,9 +470,11 @@ impl Config {
                 config.max_header_bytes = n;
             }
         }
+        problems.extend(problems_from_oauth);
         if problems.is_empty() {
             Ok(config)
         } else {
+            problems.sort_by_key(|p| (p.line, p.column));
             Err(problems)
         }
     }

@@ -6,6 +6,7 @@
 
 use http::Method;
 
+use crate::identity::Caller;
 use crate::keys::credential::CredentialError;
 use crate::keys::{Key, KeyLookup};
 use crate::path::BackendReading;
@@ -45,6 +46,10 @@ pub enum Reason {
     MethodOverride,
     /// A body on a method without body semantics, on a route that does not allow one.
     BodyNotAllowed,
+    /// An OAuth access token that is not valid (signature, issuer, audience, times, algorithm).
+    InvalidToken,
+    /// A valid token whose principal claim names no principal of the policy.
+    UnknownPrincipal,
 }
 
 impl Reason {
@@ -65,6 +70,8 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::MethodOverride => "method_override",
             Reason::BodyNotAllowed => "body_not_allowed",
+            Reason::InvalidToken => "invalid_token",
+            Reason::UnknownPrincipal => "unknown_principal",
         }
     }
 
@@ -82,6 +89,7 @@ impl Reason {
                 | Reason::UnknownKey
                 | Reason::InactiveKey
                 | Reason::ExpiredKey
+                | Reason::InvalidToken
         )
     }
 }
@@ -96,13 +104,20 @@ pub struct Decision<'s, 'p> {
     pub instance: Option<&'p str>,
     /// The access the route demands, if protected.
     pub access: Option<Access>,
-    /// The identified key (also on public routes when a valid key was sent).
-    pub key: Option<Key<'s>>,
+    /// The identified caller (also on public routes when a valid credential was sent).
+    pub caller: Option<Caller<'s>>,
     /// The grant that allowed it.
     pub grant: Option<&'s Grant>,
     /// For `ambiguous_path`: the route another backend reading lands on, which the caller may
     /// not use.
     pub alternate: Option<&'s Route>,
+}
+
+impl<'s> Decision<'s, '_> {
+    /// The key, when the caller presented one.
+    pub fn key(&self) -> Option<Key<'s>> {
+        self.caller.and_then(|c| c.key())
+    }
 }
 
 impl Decision<'_, '_> {
@@ -112,7 +127,7 @@ impl Decision<'_, '_> {
             route: None,
             instance: None,
             access: None,
-            key: None,
+            caller: None,
             grant: None,
             alternate: None,
         }
@@ -136,7 +151,7 @@ where
         method,
         path,
         reading,
-        identify(snapshot, credential, now),
+        identify(snapshot, credential, now).map(Caller::Key),
     )
 }
 
@@ -150,7 +165,7 @@ pub fn judge<'s, 'p>(
     method: &Method,
     path: &'p str,
     reading: &BackendReading,
-    identified: Result<Key<'s>, Reason>,
+    identified: Result<Caller<'s>, Reason>,
 ) -> Decision<'s, 'p>
 where
     's: 'p,
@@ -185,7 +200,7 @@ where
 /// The decision for one reading: the route found for it (if any) against the caller.
 fn judge_hit<'s, 'p>(
     hit: Option<crate::policy::RouteHit<'s, 'p>>,
-    identified: Result<Key<'s>, Reason>,
+    identified: Result<Caller<'s>, Reason>,
 ) -> Decision<'s, 'p>
 where
     's: 'p,
@@ -201,17 +216,17 @@ where
     };
     if let Some(RouteRule::Public) = route.map(|r| &r.rule) {
         decision.reason = Reason::Public;
-        decision.key = identified.ok();
+        decision.caller = identified.ok();
         return decision;
     }
-    let key = match identified {
-        Ok(key) => key,
+    let caller = match identified {
+        Ok(caller) => caller,
         Err(reason) => {
             decision.reason = reason;
             return decision;
         }
     };
-    decision.key = Some(key);
+    decision.caller = Some(caller);
     let Some(RouteRule::Protected {
         resource, access, ..
     }) = route.map(|r| &r.rule)
@@ -219,7 +234,7 @@ where
         return decision;
     };
     decision.access = Some(*access);
-    decision.grant = grant::any_allows(key.grants(), *resource, instance, *access);
+    decision.grant = grant::any_allows(caller.grants(), *resource, instance, *access);
     decision.reason = if decision.grant.is_some() {
         Reason::Granted
     } else {

@@ -40,9 +40,20 @@ fn run_command(command: Command) -> ExitCode {
         Command::Explain {
             files,
             key_id,
+            token_file,
+            principal,
+            scopes,
             method,
             path,
-        } => command_result(cli::explain::run(&files, &key_id, &method, &path)),
+        } => {
+            let who = cli::explain::Who {
+                key_id,
+                token_file,
+                principal,
+                scopes,
+            };
+            command_result(cli::explain::run(&files, &who, &method, &path))
+        }
         Command::Inject(args) => command_result(
             portcullis::inject::inject_stdio(&args.into()).map_err(CommandError::from),
         ),

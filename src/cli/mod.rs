@@ -36,14 +36,23 @@ pub enum Command {
     Check(FileArgs),
     /// Manage the keys file.
     Keys(KeysArgs),
-    /// Explain the decision for a key and a request.
+    /// Explain the decision for a caller (a key, a token, a principal, or nobody) and a request.
     Explain {
         /// Files to read.
         #[command(flatten)]
         files: FileArgs,
         /// The key's public id.
+        #[arg(long, conflicts_with_all = ["token_file", "principal"])]
+        key_id: Option<String>,
+        /// A file holding an OAuth access token (its claims are read, its signature not checked).
+        #[arg(long, conflicts_with = "principal")]
+        token_file: Option<PathBuf>,
+        /// A principal, as a token's principal claim would name it.
         #[arg(long)]
-        key_id: String,
+        principal: Option<String>,
+        /// A token scope narrowing `--principal`; repeat for several.
+        #[arg(long = "scope", requires = "principal")]
+        scopes: Vec<String>,
         /// HTTP method, e.g. GET.
         method: String,
         /// Request path, e.g. /v1/datasets/ds_1.

@@ -1,7 +1,8 @@
 //! Reading the presented key from a request's headers.
 //!
 //! Sources: `Authorization: Bearer <key>`, `X-API-Key: <key>`, and HTTP Basic with the key as the
-//! password. Two different keys in one request are refused outright rather than picking one, so
+//! password (or as the user name with an empty password). A Bearer value that is not a key
+//! (does not start with `pcs_`) is an OAuth access token. Two different keys in one request are refused outright rather than picking one, so
 //! a client can never get the more powerful of two keys by accident or by trick.
 
 use std::borrow::Cow;
@@ -23,22 +24,39 @@ pub enum CredentialError {
     Malformed,
 }
 
-/// The presented key, if any.
+/// The presented credential, if any.
 pub fn extract(headers: &HeaderMap) -> Result<Option<Cow<'_, str>>, CredentialError> {
+    Ok(presented(headers)?.map(|p| p.value))
+}
+
+/// A credential and how it came: only a `Bearer` value can be an OAuth access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented<'h> {
+    /// The key or token.
+    pub value: Cow<'h, str>,
+    /// Every header that carried it was `Authorization: Bearer`.
+    pub bearer: bool,
+}
+
+/// The presented credential and whether it came as a Bearer value.
+pub fn presented(headers: &HeaderMap) -> Result<Option<Presented<'_>>, CredentialError> {
     let mut found: Option<Cow<'_, str>> = None;
+    let mut bearer = true;
     for value in headers.get_all(AUTHORIZATION) {
         let text = value.to_str().map_err(|_| CredentialError::Malformed)?;
         if let Some(token) = strip_scheme(text, "bearer") {
             offer(&mut found, Cow::Borrowed(token))?;
         } else if let Some(encoded) = strip_scheme(text, "basic") {
-            offer(&mut found, Cow::Owned(basic_password(encoded)?))?;
+            offer(&mut found, Cow::Owned(basic_key(encoded)?))?;
+            bearer = false;
         }
     }
     for value in headers.get_all(&X_API_KEY) {
         let text = value.to_str().map_err(|_| CredentialError::Malformed)?;
         offer(&mut found, Cow::Borrowed(text.trim()))?;
+        bearer = false;
     }
-    Ok(found)
+    Ok(found.map(|value| Presented { value, bearer }))
 }
 
 /// Whether a header carries a credential that `extract` reads (and forwarding must remove).
@@ -68,13 +86,15 @@ fn strip_scheme<'a>(text: &'a str, scheme: &str) -> Option<&'a str> {
     given.eq_ignore_ascii_case(scheme).then(|| rest.trim())
 }
 
-fn basic_password(encoded: &str) -> Result<String, CredentialError> {
+/// The key in HTTP Basic: the password, or, when the password is empty, the user name
+/// (`curl -u KEY:`, as several well-known APIs take their keys).
+fn basic_key(encoded: &str) -> Result<String, CredentialError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|_| CredentialError::Malformed)?;
     let text = String::from_utf8(bytes).map_err(|_| CredentialError::Malformed)?;
-    let (_, password) = text.split_once(':').ok_or(CredentialError::Malformed)?;
-    Ok(password.to_string())
+    let (user, password) = text.split_once(':').ok_or(CredentialError::Malformed)?;
+    Ok(if password.is_empty() { user } else { password }.to_string())
 }
 
 #[cfg(test)]
@@ -105,6 +125,17 @@ mod tests {
         let basic = base64::engine::general_purpose::STANDARD.encode("anyone:pcs_abc");
         let h = headers(&[("authorization", &format!("Basic {basic}"))]);
         assert_eq!(extract(&h).unwrap().as_deref(), Some("pcs_abc"));
+        let user_only = base64::engine::general_purpose::STANDARD.encode("pcs_abc:");
+        let h = headers(&[("authorization", &format!("Basic {user_only}"))]);
+        assert_eq!(
+            extract(&h).unwrap().as_deref(),
+            Some("pcs_abc"),
+            "curl -u KEY:"
+        );
+        let h = headers(&[("authorization", "Bearer tok")]);
+        assert!(presented(&h).unwrap().unwrap().bearer);
+        let h = headers(&[("authorization", "Bearer tok"), ("x-api-key", "tok")]);
+        assert!(!presented(&h).unwrap().unwrap().bearer);
         let h = headers(&[("authorization", "Digest x=y")]);
         assert_eq!(extract(&h).unwrap(), None);
         assert_eq!(extract(&HeaderMap::new()).unwrap(), None);

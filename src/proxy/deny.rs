@@ -74,13 +74,25 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Unauthorized",
-            "The request carries more than one different credential, or a malformed one. Send exactly one API key.".to_string(),
+            "The request carries more than one different credential, or a malformed one. Send exactly one: 'Authorization: Bearer <key>', 'X-API-Key: <key>', or HTTP Basic with the key as the password (or as the user name with an empty password, as in curl -u KEY:).".to_string(),
+        ),
+        Refusal::Denied(Reason::InvalidToken, _) => (
+            StatusCode::UNAUTHORIZED,
+            "invalid-token",
+            "Unauthorized",
+            "The access token is not valid: its signature, issuer, audience, algorithm or validity period was not accepted.".to_string(),
+        ),
+        Refusal::Denied(Reason::UnknownPrincipal, _) => (
+            deny_status,
+            "forbidden",
+            "Forbidden",
+            "The access token is valid but names no one this API knows.".to_string(),
         ),
         Refusal::Denied(reason, _) if reason.is_unauthenticated() => (
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Unauthorized",
-            "A valid API key is required: it is missing, unknown, inactive or expired. Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.".to_string(),
+            "A valid API key is required: it is missing, unknown, inactive or expired. Send it as 'Authorization: Bearer <key>', 'X-API-Key: <key>', or HTTP Basic with the key as the password (or as the user name: curl -u KEY:).".to_string(),
         ),
         Refusal::Denied(Reason::Forbidden, access) => (
             deny_status,
@@ -170,7 +182,15 @@ pub fn respond(
         HeaderValue::from_static("application/problem+json"),
     );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if problem.status == StatusCode::UNAUTHORIZED {
+    if matches!(refusal, Refusal::Denied(Reason::InvalidToken, _)) {
+        // RFC 6750 §3: the token was presented and refused.
+        headers.append(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(
+                "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"The access token is not valid\"",
+            ),
+        );
+    } else if problem.status == StatusCode::UNAUTHORIZED {
         headers.append(
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"portcullis\""),

@@ -15,7 +15,7 @@ use super::body::{BodyFault, ClientBody};
 use super::deny::Refusal;
 use super::headers::{self, HeaderRules};
 use super::ProxyBody;
-use crate::keys::Key;
+use crate::identity::Caller;
 
 /// The pooled keep-alive client to the backend.
 pub struct Upstream {
@@ -29,8 +29,8 @@ pub struct Upstream {
 pub struct ForwardContext<'a> {
     /// The normalised path, which is what the backend receives.
     pub path: &'a str,
-    /// The identified key, if any.
-    pub key: Option<Key<'a>>,
+    /// The identified caller, if any.
+    pub caller: Option<Caller<'a>>,
     /// The client connection as the forwarding headers describe it.
     pub hop: &'a headers::Hop,
     /// The request id to pass on.
@@ -117,8 +117,8 @@ impl Upstream {
         parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
         headers::strip_client_headers(&mut parts.headers, &ctx.rules);
-        if let Some(key) = ctx.key {
-            headers::set_identity(&mut parts.headers, key);
+        if let Some(caller) = ctx.caller {
+            headers::set_identity(&mut parts.headers, caller);
         }
         headers::set_forwarded(&mut parts.headers, ctx.hop, ctx.rules.trust_forwarded);
         parts

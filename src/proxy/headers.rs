@@ -5,14 +5,15 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::identity::Caller;
 use crate::keys::credential::{self, X_API_KEY};
-use crate::keys::Key;
 
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_PRINCIPAL: HeaderName = HeaderName::from_static("x-portcullis-principal");
 static X_PRINCIPAL_KIND: HeaderName = HeaderName::from_static("x-portcullis-principal-kind");
 static X_KEY_ID: HeaderName = HeaderName::from_static("x-portcullis-key-id");
+static X_CREDENTIAL: HeaderName = HeaderName::from_static("x-portcullis-credential");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -192,16 +193,23 @@ fn folds_to_prefix(name: &str, prefix: &str) -> bool {
             .all(|(n, p)| n == p || (n == b'_' && p == b'-'))
 }
 
-/// Sets the identity headers for a key the proxy identified.
-pub fn set_identity(headers: &mut HeaderMap, key: Key<'_>) {
+/// Sets the identity headers for a caller the proxy identified: principal, kind, how it proved
+/// itself (`key` or `oauth`), and the key id for a key.
+pub fn set_identity(headers: &mut HeaderMap, caller: Caller<'_>) {
     let put = |headers: &mut HeaderMap, name: &HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name.clone(), v);
         }
     };
-    put(headers, &X_PRINCIPAL, &key.principal().name);
-    put(headers, &X_PRINCIPAL_KIND, key.principal().kind.as_str());
-    put(headers, &X_KEY_ID, key.id());
+    put(headers, &X_PRINCIPAL, &caller.principal().name);
+    put(headers, &X_PRINCIPAL_KIND, caller.principal().kind.as_str());
+    headers.insert(
+        X_CREDENTIAL.clone(),
+        HeaderValue::from_static(caller.credential()),
+    );
+    if let Some(key) = caller.key() {
+        put(headers, &X_KEY_ID, key.id());
+    }
 }
 
 /// This hop as the forwarding headers describe it, computed once per client connection.

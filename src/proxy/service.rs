@@ -20,9 +20,11 @@ use super::ProxyBody;
 use crate::audit::{AuditEvent, Auditor, DecisionEvent};
 use crate::clock::unix_now;
 use crate::decision::{self, Reason};
+use crate::identity::{Caller, TokenCaller};
 use crate::keyapi::KeyApi;
 use crate::keys::credential;
 use crate::metrics::Metrics;
+use crate::oauth::OAuth;
 use crate::path;
 use crate::policy::grant::Access;
 use crate::policy::RouteRule;
@@ -93,6 +95,8 @@ pub struct Service {
     pub backend: BackendConfig,
     /// Longest pause allowed in a client's request body.
     pub body_timeout: Duration,
+    /// OAuth access tokens, when `oauth:` is configured.
+    pub oauth: Option<Arc<OAuth>>,
 }
 
 /// What happened to a request, kept by index into its snapshot so recording allocates nothing.
@@ -103,6 +107,7 @@ struct Outcome {
     reason: Option<Reason>,
     route: Option<usize>,
     key: Option<u32>,
+    token: Option<Arc<TokenCaller>>,
     access: Option<Access>,
     upstream_time: Option<Duration>,
     upstream_status: Option<u16>,
@@ -171,21 +176,39 @@ impl Service {
         };
         let snapshot = self.state.load_full();
         let now = unix_now();
-        let credential = credential::extract(request.headers());
-        let credential_ref = match &credential {
-            Ok(c) => Ok(c.as_deref()),
-            Err(e) => Err(*e),
+        let presented = credential::presented(request.headers());
+        // A Bearer value that is not a key is an access token: validated (once per token, cached)
+        // before the decision, which then sees its principal like a key's.
+        let token = match (&presented, &self.oauth) {
+            (Ok(Some(p)), Some(oauth)) if p.bearer && crate::oauth::is_token(&p.value) => {
+                Some(oauth.identify(&p.value, &snapshot, now).await)
+            }
+            _ => None,
+        };
+        let identified: Result<Caller<'_>, Reason> = match (&token, &presented) {
+            (Some(Ok(t)), _) => Ok(Caller::Token(t)),
+            (Some(Err(reason)), _) => Err(*reason),
+            (None, Err(_)) => Err(Reason::AmbiguousCredential),
+            (None, Ok(None)) => Err(Reason::NoCredential),
+            (None, Ok(Some(p))) => {
+                decision::usable(snapshot.keys.lookup(&p.value, now)).map(Caller::Key)
+            }
         };
         if let Some(api) = self.key_api.as_ref().filter(|api| api.owns(&normalised)) {
-            let caller = decision::identify(&snapshot, credential_ref, now).map(|k| k.index());
-            drop(credential);
+            // The key API takes API keys: a token's principal manages keys with a key.
+            let caller = match identified {
+                Ok(Caller::Key(k)) => Ok(k.index()),
+                Ok(Caller::Token(_)) => Err(Reason::Forbidden),
+                Err(reason) => Err(reason),
+            };
+            drop(presented);
             let api = api.clone();
             let deny_status = self.deny_status;
             return key_api_request(
                 api,
                 request,
                 normalised,
-                snapshot,
+                snapshot.clone(),
                 caller,
                 now,
                 rid,
@@ -194,13 +217,12 @@ impl Service {
             )
             .await;
         }
-        let mut decision = decision::decide(
+        let mut decision = decision::judge(
             &snapshot,
             request.method(),
             &normalised,
             &self.backend.reading,
-            credential_ref,
-            now,
+            identified,
         );
         let body_on_bodyless =
             !admission::body_has_semantics(request.method()) && !request.body().is_end_stream();
@@ -212,13 +234,14 @@ impl Service {
         }
         outcome.reason = Some(decision.reason);
         outcome.route = decision.route.map(|r| r.index);
-        outcome.key = decision.key.map(|k| k.index());
+        outcome.key = decision.key().map(|k| k.index());
+        outcome.token = token.clone().and_then(Result::ok);
         outcome.access = decision.access;
         outcome.instance = decision.instance.map(|i| {
             let start = i.as_ptr() as usize - normalised.as_ptr() as usize;
             (start, start + i.len())
         });
-        if let Some(key) = decision.key {
+        if let Some(key) = decision.key() {
             key.usage().record(now);
         }
         if !decision.reason.allows() {
@@ -236,7 +259,7 @@ impl Service {
         }
         let ctx = ForwardContext {
             path: &normalised,
-            key: decision.key,
+            caller: decision.caller,
             hop,
             request_id,
             host,
@@ -244,7 +267,7 @@ impl Service {
             body_timeout: self.body_timeout,
             close_after: body_on_bodyless,
         };
-        drop(credential);
+        drop(presented);
         let sent = Instant::now();
         let result = self.upstream.forward(request, ctx).await;
         outcome.upstream_time = Some(sent.elapsed());
@@ -385,6 +408,7 @@ fn decision_event(
     resource: &str,
     key: Option<crate::keys::Key<'_>>,
 ) -> DecisionEvent {
+    let token = outcome.token.as_deref();
     DecisionEvent {
         request_id: request_id.to_str().unwrap_or("").to_string(),
         allow: outcome.reason.is_some_and(Reason::allows),
@@ -403,8 +427,21 @@ fn decision_event(
         access: outcome.access.map(Access::as_str),
         key_id: key.map(|k| k.id().to_string()),
         key_prefix: key.map(|k| k.prefix().to_string()),
-        principal: key.map(|k| k.principal().name.to_string()),
-        principal_kind: key.map(|k| k.principal().kind.as_str()),
+        principal: key
+            .map(|k| k.principal())
+            .or(token.map(|t| &t.principal))
+            .map(|p| p.name.to_string()),
+        principal_kind: key
+            .map(|k| k.principal())
+            .or(token.map(|t| &t.principal))
+            .map(|p| p.kind.as_str()),
+        credential: if key.is_some() {
+            Some("key")
+        } else {
+            token.map(|_| "oauth")
+        },
+        issuer: token.map(|t| t.issuer.to_string()),
+        client_id: token.and_then(|t| t.client_id.as_deref().map(str::to_string)),
         client_ip: outcome.client.map_or(String::new(), |c| c.ip().to_string()),
         user_agent: outcome.user_agent.clone(),
         upstream_status: outcome.upstream_status,

@@ -1,8 +1,13 @@
 //! `portcullis demo`: the embedded default. A built-in backend, the example policy, fresh keys,
-//! and the proxy in front, with curl lines that show an allow, a 401 and a 403.
+//! and the proxy in front, with curl lines that show an allow, a 401 and a 403. The backend also
+//! plays an identity provider: it serves a JWK Set with a fresh Ed25519 key, and the demo prints
+//! curl lines with an OAuth access token it signed with that key.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::app::{self, RunError};
 use crate::cli::keys::create_key;
 use crate::config::Config;
+use crate::oauth::{IssuerConfig, OAuthConfig};
 use crate::store::{KeysLocation, Store};
 
 /// The policy the demo runs with.
@@ -46,7 +52,11 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
         .await
         .map_err(anyhow::Error::from)?;
     let backend_addr = backend.local_addr().map_err(anyhow::Error::from)?;
-    tokio::spawn(serve_backend(backend));
+    let provider = Provider::new(backend_addr).map_err(RunError::Other)?;
+    let token = provider
+        .token("alice", "datasets:read")
+        .map_err(RunError::Other)?;
+    tokio::spawn(serve_backend(backend, Arc::new(provider.jwks())));
     let upstream = format!("http://{backend_addr}")
         .parse()
         .map_err(|e| RunError::Other(anyhow::anyhow!("{e}")))?;
@@ -56,8 +66,9 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     config.policy = policy;
     config.keys = KeysLocation::File(keys);
     config.grace_period = std::time::Duration::from_secs(2);
+    config.oauth = Some(provider.config().map_err(RunError::Other)?);
     let started = app::start(&config).await?;
-    print_instructions(&alice, &bob, backend_addr, started.proxy);
+    print_instructions(&alice, &bob, &token, backend_addr, started.proxy);
     stopped().await;
     started.readiness.start_draining();
     let _ = started.stop.send(true);
@@ -81,7 +92,7 @@ async fn stopped() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn print_instructions(alice: &str, bob: &str, backend: SocketAddr, proxy: SocketAddr) {
+fn print_instructions(alice: &str, bob: &str, token: &str, backend: SocketAddr, proxy: SocketAddr) {
     let base = format!("http://{proxy}");
     println!();
     println!("portcullis demo: a built-in backend on http://{backend}, the proxy on {base}");
@@ -94,14 +105,102 @@ fn print_instructions(alice: &str, bob: &str, backend: SocketAddr, proxy: Socket
     println!("# 403: bob is a viewer and may not write");
     println!("curl -i -X PUT -H 'X-API-Key: {bob}' {base}/v1/datasets/ds_1");
     println!();
+    println!("OAuth: an access token for alice with scope datasets:read, signed by the demo's");
+    println!("identity provider (its JWK Set: http://{backend}{JWKS_PATH}):");
+    println!("# allowed (200): the token may read");
+    println!("curl -i -H 'Authorization: Bearer {token}' {base}/v1/datasets/ds_1");
+    println!("# 403: the token's scope narrows alice to reading, so it may not write");
+    println!("curl -i -X PUT -H 'Authorization: Bearer {token}' {base}/v1/datasets/ds_1");
+    println!();
     println!("Ctrl-C stops the demo.");
 }
 
-async fn serve_backend(listener: TcpListener) {
+/// Where the demo backend serves its identity provider's JWK Set.
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// The audience the demo's tokens are for.
+const DEMO_AUDIENCE: &str = "api://portcullis-demo";
+
+/// The demo's identity provider: one Ed25519 signing key, made at start.
+struct Provider {
+    issuer: String,
+    jwks_uri: String,
+    pkcs8: Vec<u8>,
+    public: Vec<u8>,
+}
+
+impl Provider {
+    fn new(backend: SocketAddr) -> anyhow::Result<Provider> {
+        use ring::signature::KeyPair;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| anyhow::anyhow!("cannot make the demo's signing key"))?;
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+            .map_err(|_| anyhow::anyhow!("cannot read the demo's signing key"))?;
+        Ok(Provider {
+            issuer: format!("http://{backend}/"),
+            jwks_uri: format!("http://{backend}{JWKS_PATH}"),
+            public: pair.public_key().as_ref().to_vec(),
+            pkcs8: pkcs8.as_ref().to_vec(),
+        })
+    }
+
+    /// The issuer entry the demo proxy trusts.
+    fn config(&self) -> anyhow::Result<OAuthConfig> {
+        Ok(OAuthConfig {
+            issuers: vec![IssuerConfig {
+                issuer: self.issuer.clone(),
+                jwks_uri: self.jwks_uri.parse()?,
+                audience: DEMO_AUDIENCE.to_string(),
+                principal_claim: "sub".to_string(),
+                algorithms: vec![jsonwebtoken::Algorithm::EdDSA],
+                ca: None,
+            }],
+            refresh_interval: std::time::Duration::from_secs(600),
+            cache_size: 1024,
+        })
+    }
+
+    /// The JWK Set with the public key.
+    fn jwks(&self) -> Bytes {
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.public);
+        let set = serde_json::json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "demo-1", "alg": "EdDSA", "use": "sig"}
+        ]});
+        Bytes::from(set.to_string())
+    }
+
+    /// An access token (RFC 9068 shape) for `subject`, valid for a day.
+    fn token(&self, subject: &str, scope: &str) -> anyhow::Result<String> {
+        let now = crate::clock::unix_now();
+        let claims = serde_json::json!({
+            "iss": self.issuer, "aud": DEMO_AUDIENCE, "sub": subject, "client_id": "demo-notebook",
+            "scope": scope, "iat": now, "exp": now + 86_400, "jti": format!("demo-{now}"),
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some("demo-1".to_string());
+        header.typ = Some("at+jwt".to_string());
+        let key = jsonwebtoken::EncodingKey::from_ed_der(&self.pkcs8);
+        Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+    }
+}
+
+async fn serve_backend(listener: TcpListener, jwks: Arc<Bytes>) {
     while let Ok((stream, _)) = listener.accept().await {
+        let jwks = jwks.clone();
         tokio::spawn(async move {
-            let svc = service_fn(|request: Request<Incoming>| async move {
-                Ok::<_, Infallible>(echo(&request))
+            let svc = service_fn(move |request: Request<Incoming>| {
+                let jwks = jwks.clone();
+                async move {
+                    if request.uri().path() == JWKS_PATH {
+                        let mut response = Response::new(Full::new((*jwks).clone()));
+                        response.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/jwk-set+json"),
+                        );
+                        return Ok::<_, Infallible>(response);
+                    }
+                    Ok::<_, Infallible>(echo(&request))
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -125,6 +224,7 @@ fn echo(request: &Request<Incoming>) -> Response<Full<Bytes>> {
         "path": request.uri().path(),
         "principal": header("x-portcullis-principal"),
         "key_id": header("x-portcullis-key-id"),
+        "credential": header("x-portcullis-credential"),
         "request_id": header("x-request-id"),
     });
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));

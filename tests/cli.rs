@@ -771,7 +771,7 @@ fn parse_curl(line: &str) -> CurlRequest {
 }
 
 #[tokio::test]
-async fn demo_prints_curl_lines_that_show_an_allow_a_401_and_a_403() {
+async fn demo_prints_curl_lines_that_show_an_allow_a_401_and_a_403_with_keys_and_a_token() {
     let mut child = tokio::process::Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])
         .stdin(Stdio::null())
@@ -808,6 +808,7 @@ async fn demo_prints_curl_lines_that_show_an_allow_a_401_and_a_403() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let mut statuses = Vec::new();
+    let mut token_statuses = Vec::new();
     for line in &curls {
         let req = parse_curl(line);
         let uri: http::Uri = req.url.parse().unwrap();
@@ -825,7 +826,19 @@ async fn demo_prints_curl_lines_that_show_an_allow_a_401_and_a_403() {
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let r = send(addr, &req.method, path, &headers, &req.body).await;
         statuses.push(r.status);
+        let oauth = req
+            .headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("authorization") && v.starts_with("Bearer ey"));
+        if oauth {
+            token_statuses.push(r.status);
+        }
     }
+    // The OAuth lines: a token the demo signed itself, allowed once and refused once.
+    assert!(
+        token_statuses.iter().any(|s| (200..300).contains(s)) && token_statuses.contains(&403),
+        "the demo's OAuth token lines should show an allow and a 403: {curls:#?} → {statuses:?}"
+    );
     assert!(
         statuses.iter().any(|s| (200..300).contains(s)),
         "no allowed request among {curls:#?} → {statuses:?}"

@@ -17,6 +17,8 @@ use crate::policy::grant::Access;
 pub enum Refusal {
     /// A decision said no.
     Denied(Reason, Option<Access>),
+    /// An OAuth access token lacks the access (the same answer, worded for a token).
+    TokenForbidden(Option<Access>),
     /// Request headers larger than configured.
     HeadersTooLarge,
     /// The backend could not be reached.
@@ -101,6 +103,17 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
             match (access, resource) {
                 (Some(a), Some(r)) => format!("This API key does not have {a} access to {r}."),
                 _ => "This API key may not make this request.".to_string(),
+            },
+        ),
+        Refusal::TokenForbidden(access) => (
+            deny_status,
+            "forbidden",
+            "Forbidden",
+            match (access, resource) {
+                (Some(a), Some(r)) => {
+                    format!("This access token does not have {a} access to {r}.")
+                }
+                _ => "This access token may not make this request.".to_string(),
             },
         ),
         Refusal::Denied(_, _) => (

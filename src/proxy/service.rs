@@ -251,7 +251,12 @@ impl Service {
                 }
                 _ => None,
             };
-            let refusal = Refusal::Denied(decision.reason, decision.access);
+            let refusal = match (decision.reason, decision.caller) {
+                (Reason::Forbidden, Some(Caller::Token(_))) => {
+                    Refusal::TokenForbidden(decision.access)
+                }
+                (reason, _) => Refusal::Denied(reason, decision.access),
+            };
             let response = deny::respond(refusal, self.deny_status, resource, rid);
             outcome.path = normalised;
             outcome.snapshot = Some(snapshot);

@@ -4,6 +4,8 @@
 //! closure; the closures only call the function under test. Run with `cargo bench --bench
 //! hot_path`; results and targets are in `benches/README.md`.
 
+#![allow(clippy::expect_used)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,6 +180,97 @@ fn whole_decision(c: &mut Criterion) {
     group.finish();
 }
 
+/// OAuth access tokens: a signature check (first sight of a token) and a cache hit (every
+/// request after), for the two curve algorithms ring can make keys for here.
+fn tokens(c: &mut Criterion) {
+    use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use portcullis::oauth::{jwks::KeySet, IssuerConfig, OAuth, OAuthConfig, OAuthMetrics};
+    use ring::signature::{self as sig, KeyPair};
+
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = ring::rand::SystemRandom::new();
+    let ed = sig::Ed25519KeyPair::generate_pkcs8(&rng).expect("ed25519 key");
+    let ed_public = sig::Ed25519KeyPair::from_pkcs8(ed.as_ref())
+        .expect("ed25519 pair")
+        .public_key()
+        .as_ref()
+        .to_vec();
+    let ec_alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let ec = sig::EcdsaKeyPair::generate_pkcs8(ec_alg, &rng).expect("p256 key");
+    let ec_public = sig::EcdsaKeyPair::from_pkcs8(ec_alg, ec.as_ref(), &rng)
+        .expect("p256 pair")
+        .public_key()
+        .as_ref()
+        .to_vec();
+    let set = serde_json::json!({"keys": [
+        {"kty": "OKP", "crv": "Ed25519", "x": b64(&ed_public), "kid": "ed"},
+        {"kty": "EC", "crv": "P-256", "x": b64(&ec_public[1..33]), "y": b64(&ec_public[33..]), "kid": "ec"},
+    ]});
+    let keys = KeySet::parse(set.to_string().as_bytes()).expect("key set");
+    let issuer = "https://idp.bench/";
+    let config = OAuthConfig {
+        issuers: vec![IssuerConfig {
+            issuer: issuer.to_string(),
+            jwks_uri: "https://idp.bench/jwks".parse().expect("uri"),
+            audience: "api://bench".to_string(),
+            principal_claim: "sub".to_string(),
+            algorithms: vec![Algorithm::EdDSA, Algorithm::ES256],
+            ca: None,
+        }],
+        refresh_interval: Duration::from_secs(300),
+        cache_size: 10_000,
+    };
+    let metrics = OAuthMetrics::register(&prometheus::Registry::new()).expect("metrics");
+    let oauth = OAuth::with_sets(&config, metrics, vec![keys]).expect("oauth");
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "api://bench", "sub": "reader", "scope": "openid datasets:read",
+        "exp": NOW + 3600, "client_id": "bench",
+    });
+    let sign = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.to_string());
+        jsonwebtoken::encode(&header, &claims, key).expect("sign")
+    };
+    let ed_token = sign(
+        Algorithm::EdDSA,
+        "ed",
+        &EncodingKey::from_ed_der(ed.as_ref()),
+    );
+    let ec_token = sign(
+        Algorithm::ES256,
+        "ec",
+        &EncodingKey::from_ec_der(ec.as_ref()),
+    );
+    let snapshot = snapshot(100, 1_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("token");
+    for (name, token) in [("eddsa", &ed_token), ("es256", &ec_token)] {
+        let verified = runtime.block_on(oauth.verify(token, NOW));
+        assert!(verified.is_ok_and(|v| v.principal == "reader"), "{name}");
+        group.bench_function(format!("verify_{name}"), |b| {
+            b.iter(|| {
+                runtime
+                    .block_on(oauth.verify(black_box(token), NOW))
+                    .is_ok()
+            })
+        });
+    }
+    assert!(runtime
+        .block_on(oauth.identify(&ed_token, &snapshot, NOW))
+        .is_ok());
+    group.bench_function("identify_cached", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(oauth.identify(black_box(&ed_token), &snapshot, NOW))
+                .is_ok()
+        })
+    });
+    group.finish();
+}
+
 fn loading(c: &mut Criterion) {
     let policy_text = workload::policy_yaml(10_000);
     let mut group = c.benchmark_group("load");
@@ -232,6 +325,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = normalisation, route_matching, key_lookup, whole_decision, loading
+    targets = normalisation, route_matching, key_lookup, whole_decision, tokens, loading
 }
 criterion_main!(benches);

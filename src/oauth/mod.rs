@@ -91,10 +91,11 @@ struct Issuer {
     refreshing: tokio::sync::Mutex<()>,
 }
 
-/// What a validated token says, kept until it expires.
-struct Validated {
+/// What a verified token says, kept until it expires.
+pub struct Verified {
     issuer: usize,
-    principal: String,
+    /// The value of the issuer's `principal_claim`.
+    pub principal: String,
     scopes: Vec<String>,
     client_id: Option<Arc<str>>,
     exp: i64,
@@ -106,7 +107,7 @@ struct Validated {
 /// Every configured issuer, and the validated-token cache.
 pub struct OAuth {
     issuers: Vec<Arc<Issuer>>,
-    cache: papaya::HashMap<[u8; 32], Arc<Validated>>,
+    cache: papaya::HashMap<[u8; 32], Arc<Verified>>,
     cache_size: usize,
     metrics: OAuthMetrics,
 }
@@ -129,27 +130,38 @@ struct Claims {
 }
 
 impl OAuth {
-    /// Starts every issuer: the first JWK Set fetch (a provider that is down is not fatal:
-    /// its tokens are refused until a fetch succeeds) and the background refresh.
-    pub async fn start(config: &OAuthConfig, metrics: OAuthMetrics) -> Result<Arc<OAuth>, String> {
+    /// The issuers with the given key sets (issuer order; missing ones empty) and no fetch or
+    /// background refresh yet: `start` builds on it; benchmarks and tests verify offline with it.
+    pub fn with_sets(
+        config: &OAuthConfig,
+        metrics: OAuthMetrics,
+        sets: Vec<KeySet>,
+    ) -> Result<Arc<OAuth>, String> {
+        let mut sets = sets.into_iter();
         let mut issuers = Vec::new();
         for c in &config.issuers {
             let fetcher = Fetcher::new(c.ca.as_deref())
                 .map_err(|e| format!("oauth issuer {}: {e}", c.issuer))?;
             issuers.push(Arc::new(Issuer {
                 config: c.clone(),
-                keys: ArcSwap::from_pointee(KeySet::default()),
+                keys: ArcSwap::from_pointee(sets.next().unwrap_or_default()),
                 fetcher,
                 last_kid_refresh: AtomicI64::new(i64::MIN / 2),
                 refreshing: tokio::sync::Mutex::new(()),
             }));
         }
-        let oauth = Arc::new(OAuth {
+        Ok(Arc::new(OAuth {
             issuers,
             cache: papaya::HashMap::new(),
             cache_size: config.cache_size,
             metrics,
-        });
+        }))
+    }
+
+    /// Starts every issuer: the first JWK Set fetch (a provider that is down is not fatal:
+    /// its tokens are refused until a fetch succeeds) and the background refresh.
+    pub async fn start(config: &OAuthConfig, metrics: OAuthMetrics) -> Result<Arc<OAuth>, String> {
+        let oauth = OAuth::with_sets(config, metrics, Vec::new())?;
         for issuer in &oauth.issuers {
             if let Err(e) = oauth.refresh(issuer, BACKGROUND_TIMEOUT, "start").await {
                 tracing::error!(issuer = %issuer.config.issuer, error = %e, "JWK Set unavailable; tokens of this issuer are refused until it loads");
@@ -221,7 +233,7 @@ impl OAuth {
                 v
             }
             _ => {
-                let v = Arc::new(self.validate(token, now).await?);
+                let v = Arc::new(self.verify(token, now).await?);
                 self.remember(digest, v.clone(), now);
                 v
             }
@@ -236,7 +248,7 @@ impl OAuth {
         result
     }
 
-    fn remember(&self, digest: [u8; 32], validated: Arc<Validated>, now: i64) {
+    fn remember(&self, digest: [u8; 32], validated: Arc<Verified>, now: i64) {
         let cache = self.cache.pin();
         if cache.len() >= self.cache_size {
             cache.retain(|_, v| v.exp + LEEWAY_SECONDS as i64 > now);
@@ -248,7 +260,7 @@ impl OAuth {
     }
 
     /// The token's caller against this snapshot's policy, compiled once per policy generation.
-    fn resolve(&self, v: &Validated, snapshot: &Snapshot) -> Result<Arc<TokenCaller>, Reason> {
+    fn resolve(&self, v: &Verified, snapshot: &Snapshot) -> Result<Arc<TokenCaller>, Reason> {
         if let Some(done) = v.resolved.load().as_ref() {
             if done.0 == snapshot.generation {
                 return done.1.clone();
@@ -260,7 +272,7 @@ impl OAuth {
         result
     }
 
-    fn compile(&self, v: &Validated, snapshot: &Snapshot) -> Result<Arc<TokenCaller>, Reason> {
+    fn compile(&self, v: &Verified, snapshot: &Snapshot) -> Result<Arc<TokenCaller>, Reason> {
         caller_for(
             &snapshot.policy,
             &v.principal,
@@ -271,8 +283,9 @@ impl OAuth {
         .map(Arc::new)
     }
 
-    /// Checks the signature and every claim; the one place a token becomes trusted.
-    async fn validate(&self, token: &str, now: i64) -> Result<Validated, Reason> {
+    /// Checks the signature and every claim, without the cache; the one place a token becomes
+    /// trusted.
+    pub async fn verify(&self, token: &str, now: i64) -> Result<Verified, Reason> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| Reason::InvalidToken)?;
         let iss = unverified_issuer(token).ok_or(Reason::InvalidToken)?;
         let (index, issuer) = self
@@ -303,15 +316,17 @@ impl OAuth {
         validation.set_issuer(&[issuer.config.issuer.as_str()]);
         validation.set_audience(&[issuer.config.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|_| invalid())?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            tracing::debug!(issuer = label, error = %e, "access token refused");
+            invalid()
+        })?;
         let claims = data.claims;
         let principal = match claims.rest.get(&issuer.config.principal_claim) {
             Some(serde_json::Value::String(p)) if !p.is_empty() => p.clone(),
             _ => return Err(invalid()),
         };
         self.metrics.validated(label, "valid");
-        Ok(Validated {
+        Ok(Verified {
             issuer: index,
             principal,
             scopes: scopes_of(claims.scope.as_deref(), claims.scp.as_ref()),
@@ -396,7 +411,7 @@ pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
 }
 
 /// Whether a cached token still holds at `now` (with the same skew as validation).
-fn holds(v: &Validated, now: i64) -> bool {
+fn holds(v: &Verified, now: i64) -> bool {
     let leeway = LEEWAY_SECONDS as i64;
     now < v.exp + leeway && v.nbf.is_none_or(|nbf| now + leeway >= nbf)
 }
@@ -466,7 +481,7 @@ mod tests {
 
     #[test]
     fn a_cached_token_expires_with_its_skew() {
-        let v = Validated {
+        let v = Verified {
             issuer: 0,
             principal: "p".into(),
             scopes: vec![],

@@ -131,8 +131,9 @@ fn token_caller(
         let principal = claims[claim].as_str().unwrap_or("").to_string();
         let scopes = crate::oauth::scopes_of(claims["scope"].as_str(), claims.get("scp"));
         let client = claims["azp"].as_str().or(claims["client_id"].as_str());
+        let shown_client = client.map_or("none".to_string(), |c| format!("{c:?}"));
         let mut line = format!(
-            "token: issuer {iss:?}, {claim} {principal:?}, scopes {scopes:?}, client {client:?} (signature and times not checked here)"
+            "token: issuer {iss:?}, {claim} {principal:?}, scopes {scopes:?}, client {shown_client} (signature and times not checked here)"
         );
         if issuer.is_none() {
             line.push_str(

@@ -94,6 +94,8 @@ struct Issuer {
 /// What a verified token says, kept until it expires.
 pub struct Verified {
     issuer: usize,
+    kid: Option<String>,
+    alg: Algorithm,
     /// The value of the issuer's `principal_claim`.
     pub principal: String,
     scopes: Vec<String>,
@@ -227,7 +229,7 @@ impl OAuth {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = self.cache.pin().get(&digest).cloned();
         let validated = match cached {
-            Some(v) if holds(&v, now) => {
+            Some(v) if holds(&v, now) && self.still_signed(&v) => {
                 self.metrics
                     .validated(&self.issuers[v.issuer].config.issuer, "cached");
                 v
@@ -246,6 +248,16 @@ impl OAuth {
             );
         }
         result
+    }
+
+    /// A cached token stays valid only while its issuer still publishes the key that signed
+    /// it: a key retired from the JWK Set retires its tokens at the next request.
+    fn still_signed(&self, v: &Verified) -> bool {
+        self.issuers[v.issuer]
+            .keys
+            .load()
+            .find(v.kid.as_deref(), v.alg)
+            .is_some()
     }
 
     fn remember(&self, digest: [u8; 32], validated: Arc<Verified>, now: i64) {
@@ -286,14 +298,18 @@ impl OAuth {
     /// Checks the signature and every claim, without the cache; the one place a token becomes
     /// trusted.
     pub async fn verify(&self, token: &str, now: i64) -> Result<Verified, Reason> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| Reason::InvalidToken)?;
-        let iss = unverified_issuer(token).ok_or(Reason::InvalidToken)?;
+        let nobody = || {
+            self.metrics.validated("unknown", "invalid");
+            Reason::InvalidToken
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| nobody())?;
+        let iss = unverified_issuer(token).ok_or_else(nobody)?;
         let (index, issuer) = self
             .issuers
             .iter()
             .enumerate()
             .find(|(_, i)| i.config.issuer == iss)
-            .ok_or(Reason::InvalidToken)?;
+            .ok_or_else(nobody)?;
         let label = issuer.config.issuer.as_str();
         let invalid = || {
             self.metrics.validated(label, "invalid");
@@ -328,6 +344,8 @@ impl OAuth {
         self.metrics.validated(label, "valid");
         Ok(Verified {
             issuer: index,
+            kid: header.kid.clone(),
+            alg: header.alg,
             principal,
             scopes: scopes_of(claims.scope.as_deref(), claims.scp.as_ref()),
             client_id: claims.azp.or(claims.client_id).map(Into::into),
@@ -483,6 +501,8 @@ mod tests {
     fn a_cached_token_expires_with_its_skew() {
         let v = Verified {
             issuer: 0,
+            kid: None,
+            alg: Algorithm::EdDSA,
             principal: "p".into(),
             scopes: vec![],
             client_id: None,

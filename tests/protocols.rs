@@ -7,6 +7,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -171,4 +173,106 @@ async fn a_large_request_body_is_streamed_to_the_backend() {
     .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.text(), body.len().to_string());
+}
+
+/// A raw HTTP/1.1 backend: answers every request on a connection with `200 n` (keep-alive),
+/// closes each connection after `per_connection` answers without saying so, and counts the
+/// connections it accepted and the request lines it read (which must be in origin form).
+async fn counting_backend(
+    per_connection: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (a, l) = (accepted.clone(), lines.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let l = l.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut served = 0;
+                let mut chunk = [0u8; 4096];
+                while served < per_connection {
+                    let Ok(n) = tcp.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        l.lock()
+                            .unwrap()
+                            .push(head.lines().next().unwrap_or("").to_string());
+                        served += 1;
+                        let body = served.to_string();
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if tcp.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // Closes silently: the proxy still holds the connection as idle.
+            });
+        }
+    });
+    (addr, accepted, lines)
+}
+
+#[tokio::test]
+async fn backend_connections_are_reused_and_the_request_line_is_in_origin_form() {
+    let (backend, accepted, lines) = counting_backend(usize::MAX).await;
+    let victor = TestKey::new("victor");
+    let proxy = Proxy::start(
+        &format!("http://{backend}"),
+        POLICY_TEXT,
+        &keys_yaml(&[&victor]),
+        "",
+    )
+    .await;
+    for _ in 0..20 {
+        let (n, v) = victor.bearer();
+        let r = get(proxy.addr, "/v1/stream?x=1", &[(n, &v)]).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one kept-alive connection for 20 requests"
+    );
+    let lines = lines.lock().unwrap().clone();
+    assert_eq!(lines.len(), 20);
+    assert!(
+        lines.iter().all(|l| l == "GET /v1/stream?x=1 HTTP/1.1"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_closed_an_idle_connection_costs_no_request() {
+    // Each connection answers once and is then closed by the backend without a word.
+    let (backend, accepted, _) = counting_backend(1).await;
+    let victor = TestKey::new("victor");
+    let proxy = Proxy::start(
+        &format!("http://{backend}"),
+        POLICY_TEXT,
+        &keys_yaml(&[&victor]),
+        "",
+    )
+    .await;
+    for i in 0..10 {
+        let (n, v) = victor.bearer();
+        let r = get(proxy.addr, "/v1/stream", &[(n, &v)]).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        // Give the close time to arrive, so the next request finds a dead idle connection.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 10);
 }

@@ -45,6 +45,8 @@ impl PrincipalKind {
 pub struct Principal {
     /// The principal's name.
     pub name: Box<str>,
+    /// The name as the `X-Portcullis-Principal` value, made once (absent if it cannot be one).
+    pub header_value: Option<http::HeaderValue>,
     /// User or robot.
     pub kind: PrincipalKind,
     /// Everything the principal may do.
@@ -532,6 +534,7 @@ fn compile_principal(
     );
     Some(Principal {
         name: name.as_str().into(),
+        header_value: http::HeaderValue::from_str(name.as_str()).ok(),
         kind: kind?,
         grants: grant::simplify(grants).into(),
     })

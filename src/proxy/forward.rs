@@ -14,15 +14,35 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::body::{BodyFault, ClientBody};
 use super::deny::Refusal;
 use super::headers::{self, HeaderRules};
+use super::pool::Pool;
 use super::ProxyBody;
 use crate::identity::Caller;
 
 /// The pooled keep-alive client to the backend.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ClientBody>,
+    client: Sender,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     timeout: Duration,
+}
+
+/// How requests reach the backend: a plain-`http` backend (the sidecar case) through the
+/// proxy's own HTTP/1.1 pool; an `https` one through hyper-util's client (TLS, ALPN, HTTP/2).
+enum Sender {
+    Plain(Pool),
+    Tls(Box<Client<HttpsConnector<HttpConnector>, ClientBody>>),
+}
+
+impl Sender {
+    async fn send(
+        &self,
+        request: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+        match self {
+            Sender::Plain(pool) => Ok(pool.send(request).await?),
+            Sender::Tls(client) => Ok(client.request(request).await?),
+        }
+    }
 }
 
 /// What the forwarder needs to know about the request besides the request itself.
@@ -71,19 +91,27 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         let parts = base.clone().into_parts();
+        let scheme = parts
+            .scheme
+            .ok_or_else(|| anyhow::anyhow!("upstream has no scheme"))?;
+        let authority = parts
+            .authority
+            .ok_or_else(|| anyhow::anyhow!("upstream has no host"))?;
+        let client = if scheme == http::uri::Scheme::HTTP {
+            Sender::Plain(Pool::new(authority.clone(), connect_timeout))
+        } else {
+            Sender::Tls(Box::new(
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(1024)
+                    .build(connector),
+            ))
+        };
         Ok(Upstream {
             client,
-            scheme: parts
-                .scheme
-                .ok_or_else(|| anyhow::anyhow!("upstream has no scheme"))?,
-            authority: parts
-                .authority
-                .ok_or_else(|| anyhow::anyhow!("upstream has no host"))?,
+            scheme,
+            authority,
             timeout,
         })
     }
@@ -105,12 +133,9 @@ impl Upstream {
         let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         parts.uri = self.target(ctx.path, &parts.uri);
-        let host = ctx.host.or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = ctx
+            .host
+            .or_else(|| HeaderValue::from_str(self.authority.as_str()).ok());
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
@@ -132,7 +157,7 @@ impl Upstream {
         let (body, fault) = ClientBody::new(body, ctx.body_timeout);
         let outbound = Request::from_parts(parts, body);
         let mut response =
-            match tokio::time::timeout(self.timeout, self.client.request(outbound)).await {
+            match tokio::time::timeout(self.timeout, self.client.send(outbound)).await {
                 Err(_) => return Err(Refusal::UpstreamTimeout),
                 Ok(Err(e)) => {
                     // The client's own body failing is the client's fault, not the backend's.
@@ -144,7 +169,7 @@ impl Upstream {
                     tracing::warn!(
                         upstream = %self.authority,
                         request_id = ctx.request_id.to_str().unwrap_or(""),
-                        error = %error_chain(&e),
+                        error = %error_chain(&*e),
                         "upstream request failed"
                     );
                     return Err(Refusal::UpstreamUnreachable);
@@ -176,8 +201,12 @@ impl Upstream {
             }
         };
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        // hyper-util's client turns an absolute URI into the origin form itself; a pooled
+        // HTTP/1 connection sends what it is given, so it gets the origin form.
+        if matches!(self.client, Sender::Tls(_)) {
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+        }
         parts.path_and_query = path_and_query;
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
     }

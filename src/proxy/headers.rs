@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::identity::Caller;
-use crate::keys::credential::{self, X_API_KEY};
+use crate::keys::credential;
 
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -36,33 +36,55 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
 /// Removes hop-by-hop headers, including those the `Connection` header names. `Upgrade` is
 /// removed too unless `keep_upgrade`, in which case `Connection: upgrade` is put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if name != header::UPGRADE || !keep_upgrade {
-            headers.remove(&name);
+    // One pass over the names, without hashing: most messages carry no hop-by-hop header at
+    // all, or only `Connection: keep-alive`, and then the removals below are not needed.
+    let mut connection = false;
+    let mut other = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::TE || name == header::UPGRADE || hop_by_hop().contains(&name) {
+            other = true;
         }
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    if connection {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `keep-alive` is removed below anyway; `close` and `upgrade` are the other usual
+            // tokens and cost a parse only when they name a header that is there.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if name != header::UPGRADE || !keep_upgrade {
+                headers.remove(&name);
+            }
+        }
+        headers.remove(header::CONNECTION);
     }
-    // `TE: trailers` is the one TE value worth passing on (gRPC needs it); the rest are hop-by-hop.
-    let trailers_only = headers.get_all(header::TE).iter().all(|v| {
-        v.to_str()
-            .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-    });
-    if !trailers_only {
-        headers.remove(header::TE);
+    if other {
+        for name in hop_by_hop() {
+            headers.remove(name);
+        }
+        // `TE: trailers` is the one TE value worth passing on (gRPC needs it); the rest are
+        // hop-by-hop.
+        let trailers_only = headers.get_all(header::TE).iter().all(|v| {
+            v.to_str()
+                .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if !trailers_only {
+            headers.remove(header::TE);
+        }
+        if !keep_upgrade {
+            headers.remove(header::UPGRADE);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -152,11 +174,24 @@ fn forbidden(name: &str, rules: &HeaderRules) -> bool {
 /// headers it made up, and (per `rules`) underscore spellings, override headers and forwarding
 /// headers it planted.
 pub fn strip_client_headers(headers: &mut HeaderMap, rules: &HeaderRules) {
-    headers.remove(&X_API_KEY);
-    if headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .any(credential::is_credential_authorization)
+    // One pass over the names; `X-API-Key` and every spelling of it is among the forbidden.
+    let mut authorization = false;
+    let planted: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            authorization |= *k == header::AUTHORIZATION;
+            forbidden(k.as_str(), rules)
+        })
+        .cloned()
+        .collect();
+    for name in planted {
+        headers.remove(&name);
+    }
+    if authorization
+        && headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .any(credential::is_credential_authorization)
     {
         let others: Vec<HeaderValue> = headers
             .get_all(header::AUTHORIZATION)
@@ -168,14 +203,6 @@ pub fn strip_client_headers(headers: &mut HeaderMap, rules: &HeaderRules) {
         for v in others {
             headers.append(header::AUTHORIZATION, v);
         }
-    }
-    let planted: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| forbidden(k.as_str(), rules))
-        .cloned()
-        .collect();
-    for name in planted {
-        headers.remove(&name);
     }
 }
 
@@ -201,8 +228,18 @@ pub fn set_identity(headers: &mut HeaderMap, caller: Caller<'_>) {
             headers.insert(name.clone(), v);
         }
     };
-    put(headers, &X_PRINCIPAL, &caller.principal().name);
-    put(headers, &X_PRINCIPAL_KIND, caller.principal().kind.as_str());
+    match &caller.principal().header_value {
+        Some(v) => {
+            headers.insert(X_PRINCIPAL.clone(), v.clone());
+        }
+        None => {
+            headers.remove(&X_PRINCIPAL);
+        }
+    }
+    headers.insert(
+        X_PRINCIPAL_KIND.clone(),
+        HeaderValue::from_static(caller.principal().kind.as_str()),
+    );
     headers.insert(
         X_CREDENTIAL.clone(),
         HeaderValue::from_static(caller.credential()),

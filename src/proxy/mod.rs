@@ -8,6 +8,7 @@ pub mod body;
 pub mod deny;
 pub mod forward;
 pub mod headers;
+pub mod pool;
 pub mod server;
 pub mod service;
 

@@ -8,6 +8,7 @@
 //! that a connection closed by the backend never sent is retried once on a fresh connection,
 //! which is what the legacy client does too.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,8 +20,21 @@ use tokio::net::TcpStream;
 
 use super::body::ClientBody;
 
-/// Idle connections kept at most.
+/// Idle connections kept at most, per shard.
 const MAX_IDLE: usize = 1024;
+/// Proxy threads at most (`server::serve` runs one per core).
+pub const MAX_SHARDS: usize = 64;
+
+thread_local! {
+    /// Which proxy thread this is (0: not one of them).
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks this thread as proxy thread `shard` (1-based): its requests use its own connections,
+/// whose tasks run on its own runtime, so no request wakes another thread.
+pub fn enter_shard(shard: usize) {
+    SHARD.with(|s| s.set(shard.min(MAX_SHARDS)));
+}
 
 /// Why a request did not get a response from the backend.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +56,8 @@ pub enum PoolError {
 pub struct Pool {
     authority: http::uri::Authority,
     connect_timeout: Duration,
-    idle: Mutex<Vec<SendRequest<ClientBody>>>,
+    /// Per shard; index 0 for threads that are not proxy threads.
+    idle: Box<[Mutex<Vec<SendRequest<ClientBody>>>]>,
 }
 
 impl Pool {
@@ -51,7 +66,7 @@ impl Pool {
         Pool {
             authority,
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=MAX_SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -83,17 +98,21 @@ impl Pool {
     /// The newest idle connection that can take a request now; closed ones are dropped, and
     /// ones still streaming a response body stay for later.
     fn take(&self) -> Option<SendRequest<ClientBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|s| !s.is_closed());
         let ready = idle.iter().rposition(|s| s.is_ready())?;
         Some(idle.swap_remove(ready))
+    }
+
+    fn shard(&self) -> &Mutex<Vec<SendRequest<ClientBody>>> {
+        &self.idle[SHARD.with(Cell::get)]
     }
 
     fn give_back(&self, sender: SendRequest<ClientBody>) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }

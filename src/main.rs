@@ -10,11 +10,6 @@ use portcullis::config::{Config, LogConfig};
 
 const EXIT_CONFIG: u8 = 64;
 
-/// mimalloc: per-thread free lists suit a proxy's many small, short-lived allocations (header
-/// maps, body frames) better than glibc's arenas; see benches/README.md for what it saves.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = Cli::parse();
     match args.command {

@@ -292,14 +292,18 @@ impl Config {
             }
         };
         let mut config = Config::with_upstream(upstream);
-        let addr = |field: &str, text: &Option<String>, default: SocketAddr| match text {
+        let addr = |field: &str, text: &Option<String>, default: SocketAddr| {
+            match text {
             None => Ok(default),
-            Some(t) => t.parse::<SocketAddr>().map_err(|_| {
+            Some(t) => parse_listen(t).ok_or_else(|| {
                 (
                     field.to_string(),
-                    format!("{field}: {t:?} is not an address like 127.0.0.1:8080"),
+                    format!(
+                        "{field}: {t:?} is not an address like 127.0.0.1:8080, [::1]:8080 or :8080 (every interface)"
+                    ),
                 )
             }),
+        }
         };
         match addr("listen", &file.listen, config.listen) {
             Ok(a) => config.listen = a,
@@ -512,10 +516,36 @@ fn locate_field(source: &str, field: &str) -> (usize, usize) {
         .map_or((1, 1), |i| (i + 1, 1))
 }
 
+/// A listen address: `HOST:PORT` with an IP, or `:PORT` for every IPv4 interface (as Go and
+/// nginx read it).
+pub fn parse_listen(text: &str) -> Option<SocketAddr> {
+    match text.strip_prefix(':') {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
+        None => text.parse().ok(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn listen_accepts_a_bare_port_for_every_interface() {
+        assert_eq!(
+            parse_listen(":8080"),
+            Some(SocketAddr::from(([0, 0, 0, 0], 8080)))
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:9"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+        assert_eq!(parse_listen(":x"), None);
+        assert_eq!(parse_listen("nowhere"), None);
+    }
 
     #[test]
     fn defaults_and_relative_paths() {

@@ -99,6 +99,10 @@ fn command_result(result: Result<(), CommandError>) -> ExitCode {
             eprintln!("portcullis: {n} problem(s) found");
             ExitCode::FAILURE
         }
+        Err(CommandError::Arguments(message)) => {
+            eprintln!("portcullis: {message}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -115,6 +115,13 @@ impl Metrics {
         registry.register(Box::new(upstream_duration.clone()))?;
         registry.register(Box::new(overhead_duration.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        // Every series at zero from the start, so dashboards and rate() see them before the
+        // first reload.
+        for file in ["policy", "keys", "tls"] {
+            for result in ["ok", "error"] {
+                reloads.with_label_values(&[file, result]);
+            }
+        }
         registry.register(Box::new(keys_loaded.clone()))?;
         registry.register(Box::new(policy_routes.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;

@@ -146,6 +146,33 @@ fn workspace_with(keys: &[&TestKey]) -> Workspace {
 // --- check ---------------------------------------------------------------------------------
 
 #[test]
+fn check_without_arguments_reads_portcullis_yaml_here_or_exits_2() {
+    let ws = workspace_with(&[&TestKey::new("alice")]);
+    let run_in = |dir: &std::path::Path| {
+        let out = Command::new(BIN)
+            .arg("check")
+            .current_dir(dir)
+            .output()
+            .expect("spawn portcullis");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // Nothing to check: a bad command line, exit 2, saying what to give.
+    let (code, stderr) = run_in(&ws.path(""));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("-c CONFIG") && stderr.contains("--policy"),
+        "{stderr}"
+    );
+    // With a portcullis.yaml in the working folder, that is what is checked (as `run` does).
+    ws.write_config("http://127.0.0.1:9", "");
+    let (code, stderr) = run_in(&ws.path(""));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
 fn check_accepts_a_valid_policy_and_keys() {
     let ws = workspace_with(&[
         &TestKey::new("alice"),

@@ -246,3 +246,70 @@ async fn keys_endpoint_counts_each_keys_requests_without_secrets() {
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert!(cells.contains(&"2"), "{row}");
 }
+
+#[tokio::test]
+async fn every_family_is_there_from_the_start_and_one_bad_edit_counts_once() {
+    let world = World::start().await;
+    let proxy = &world.proxy;
+    let m = scrape(proxy).await;
+    let has = |m: &Scrape, name: &str, labels: &[(&str, &str)]| {
+        m.samples
+            .iter()
+            .any(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+    };
+    for file in ["policy", "keys"] {
+        for result in ["ok", "error"] {
+            assert!(
+                has(
+                    &m,
+                    "portcullis_reloads_total",
+                    &[("file", file), ("result", result)]
+                ),
+                "portcullis_reloads_total{{file={file},result={result}}} missing before any reload"
+            );
+        }
+    }
+    // No syslog sink configured: no connection gauge that would read as an outage.
+    assert!(!has(&m, "portcullis_audit_syslog_connected", &[]));
+
+    // One bad save (an editor may fire several change events for it) counts, and logs, once.
+    let policy = proxy.workspace.path("policy.yaml");
+    let good = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(&policy, format!("{good}\nroutes: [oops\n")).unwrap();
+    let errors = |m: &Scrape| {
+        find(
+            m,
+            "portcullis_reloads_total",
+            &[("file", "policy"), ("result", "error")],
+        )
+    };
+    let mut seen = 0.0;
+    for _ in 0..50 {
+        seen = errors(&scrape(proxy).await);
+        if seen > 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 1.0, "the bad edit was not counted");
+    // Touch it again with the same bad text: still one.
+    std::fs::write(&policy, format!("{good}\nroutes: [oops\n")).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(errors(&scrape(proxy).await), 1.0);
+    let stderr = proxy.stderr();
+    let logged = stderr
+        .lines()
+        .filter(|l| l.contains("reload rejected"))
+        .count();
+    assert!(logged >= 1, "{stderr}");
+    let distinct: std::collections::HashSet<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("reload rejected"))
+        .map(|l| l.split("reload rejected").nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        distinct.len(),
+        logged,
+        "a rejection was logged twice:\n{stderr}"
+    );
+}

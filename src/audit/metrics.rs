@@ -32,10 +32,14 @@ impl AuditMetrics {
         let m = AuditMetrics::new()?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
-        registry.register(Box::new(m.spool_bytes.clone()))?;
-        registry.register(Box::new(m.reconnects.clone()))?;
-        registry.register(Box::new(m.resent.clone()))?;
-        registry.register(Box::new(m.connected.clone()))?;
+        // The spool and connection series describe a syslog sink; without one, a
+        // `connected 0` would read as an outage.
+        if sinks.contains(&SINK_SYSLOG) {
+            registry.register(Box::new(m.spool_bytes.clone()))?;
+            registry.register(Box::new(m.reconnects.clone()))?;
+            registry.register(Box::new(m.resent.clone()))?;
+            registry.register(Box::new(m.connected.clone()))?;
+        }
         for sink in sinks {
             let results: &[&str] = if *sink == SINK_SYSLOG {
                 &["sent", "spooled", "dropped"]

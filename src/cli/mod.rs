@@ -183,6 +183,9 @@ pub enum CommandError {
     /// Validation found problems (already printed): exit 1.
     #[error("{0} problem(s) found")]
     Problems(usize),
+    /// The command line itself is incomplete: exit 2, as for any bad argument.
+    #[error("{0}")]
+    Arguments(String),
 }
 
 impl From<anyhow::Error> for CommandError {
@@ -223,8 +226,8 @@ pub fn resolve_files(files: &FileArgs) -> Result<Files, CommandError> {
         Some(path) => path,
         None if default.exists() => &default,
         None => {
-            return Err(CommandError::Usage(
-                "give -c portcullis.yaml or --policy FILE [--keys FILE]".into(),
+            return Err(CommandError::Arguments(
+                "no portcullis.yaml here: give -c CONFIG, or --policy FILE [--keys FILE]".into(),
             ))
         }
     };

@@ -135,6 +135,9 @@ pub struct Loader {
     metrics: Metrics,
     tls: Option<TlsFiles>,
     audit: Auditor,
+    /// The last rejection reported: an editor's save often fires several change events, and
+    /// one bad edit is reported (logged, counted, audited) once.
+    last_rejection: std::sync::Mutex<Option<(ReloadFile, String)>>,
 }
 
 /// What the loader is given at start.
@@ -198,6 +201,7 @@ impl Loader {
             metrics,
             tls,
             audit,
+            last_rejection: std::sync::Mutex::new(None),
         };
         loader.publish_gauges();
         Ok(Arc::new(loader))
@@ -486,6 +490,24 @@ impl Loader {
     }
 
     fn count(&self, outcome: &ReloadOutcome) {
+        {
+            let mut last = self
+                .last_rejection
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match outcome {
+                ReloadOutcome::Rejected { file, problems } => {
+                    let this = (*file, problems.clone());
+                    if last.as_ref() == Some(&this) {
+                        tracing::debug!(file = file.as_str(), "reload still rejected");
+                        return;
+                    }
+                    *last = Some(this);
+                }
+                ReloadOutcome::Applied { .. } => *last = None,
+                ReloadOutcome::Unchanged => {}
+            }
+        }
         match outcome {
             ReloadOutcome::Unchanged => {}
             ReloadOutcome::Applied { files, generation } => {

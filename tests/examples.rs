@@ -415,3 +415,19 @@ fn kubernetes_example_policy_and_keys_pass_check() {
         keys.to_str().unwrap(),
     ]);
 }
+
+/// Every shipped example checks clean as committed (`check -c policies/examples/X/portcullis.yaml`),
+/// with the empty keys file it ships.
+#[test]
+fn every_shipped_example_config_checks_clean_as_committed() {
+    let examples = repo().join("policies/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let config = entry.unwrap().path().join("portcullis.yaml");
+        if config.is_file() {
+            succeed(&["check", "-c", config.to_str().unwrap()]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} example configs found");
+}

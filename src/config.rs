@@ -29,6 +29,7 @@ struct ConfigFile {
     upstream_connect_timeout: Option<String>,
     upstream_timeout: Option<String>,
     max_header_bytes: Option<usize>,
+    filter_max_bytes: Option<usize>,
     grace_period: Option<String>,
     tls: Option<TlsConfig>,
     upstream_tls: Option<UpstreamTlsConfig>,
@@ -213,6 +214,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Largest total size of request headers accepted (→ 431).
     pub max_header_bytes: usize,
+    /// Largest answer a filtered route reads to filter it (→ 502 beyond).
+    pub filter_max_bytes: usize,
     /// How long in-flight requests get after SIGTERM.
     pub grace_period: Duration,
     /// TLS termination, when configured.
@@ -252,6 +255,7 @@ impl Config {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
+            filter_max_bytes: 8 * 1024 * 1024,
             grace_period: Duration::from_secs(25),
             tls: None,
             upstream_tls: UpstreamTlsConfig::default(),
@@ -472,6 +476,16 @@ impl Config {
                 );
             } else {
                 config.max_header_bytes = n;
+            }
+        }
+        if let Some(n) = file.filter_max_bytes {
+            if !(1024..=1024 * 1024 * 1024).contains(&n) {
+                fail(
+                    "filter_max_bytes",
+                    "filter_max_bytes must be between 1024 and 1073741824".into(),
+                );
+            } else {
+                config.filter_max_bytes = n;
             }
         }
         problems.extend(problems_from_oauth);

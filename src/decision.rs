@@ -111,6 +111,9 @@ pub struct Decision<'s, 'p> {
     /// For `ambiguous_path`: the route another backend reading lands on, which the caller may
     /// not use.
     pub alternate: Option<&'s Route>,
+    /// The route filters its answer and the caller's grants cover only some instances: the
+    /// answer must be filtered before it is passed on.
+    pub filter: bool,
 }
 
 impl<'s> Decision<'s, '_> {
@@ -130,6 +133,7 @@ impl Decision<'_, '_> {
             caller: None,
             grant: None,
             alternate: None,
+            filter: false,
         }
     }
 }
@@ -235,6 +239,12 @@ where
     };
     decision.access = Some(*access);
     decision.grant = grant::any_allows(caller.grants(), *resource, instance, *access);
+    if decision.grant.is_none() && route.is_some_and(|r| r.filter.is_some()) {
+        // A list that is filtered admits a caller with the access on some instances: it sees
+        // only those.
+        decision.grant = grant::some_instance_allows(caller.grants(), *resource, *access);
+        decision.filter = decision.grant.is_some();
+    }
     decision.reason = if decision.grant.is_some() {
         Reason::Granted
     } else {

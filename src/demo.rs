@@ -35,7 +35,11 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     std::fs::write(&policy, DEMO_POLICY).map_err(anyhow::Error::from)?;
     let store = Store::open(&KeysLocation::File(keys.clone()));
     let mut made = Vec::new();
-    for (principal, purpose) in [("alice", "demo: editor"), ("bob", "demo: viewer")] {
+    for (principal, purpose) in [
+        ("alice", "demo: editor"),
+        ("bob", "demo: viewer"),
+        ("etl-bot", "demo: robot with one dataset"),
+    ] {
         let key = create_key(
             &store,
             principal,
@@ -47,7 +51,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
         .map_err(|e| RunError::Other(anyhow::anyhow!("{e}")))?;
         made.push(key);
     }
-    let (alice, bob) = (made[0].clone(), made[1].clone());
+    let (alice, bob, robot) = (made[0].clone(), made[1].clone(), made[2].clone());
     let backend = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(anyhow::Error::from)?;
@@ -68,7 +72,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), RunError> {
     config.grace_period = std::time::Duration::from_secs(2);
     config.oauth = Some(provider.config().map_err(RunError::Other)?);
     let started = app::start(&config).await?;
-    print_instructions(&alice, &bob, &token, backend_addr, started.proxy);
+    print_instructions(&[&alice, &bob, &robot], &token, backend_addr, started.proxy);
     stopped().await;
     started.readiness.start_draining();
     let _ = started.stop.send(true);
@@ -92,7 +96,8 @@ async fn stopped() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn print_instructions(alice: &str, bob: &str, token: &str, backend: SocketAddr, proxy: SocketAddr) {
+fn print_instructions(keys: &[&str; 3], token: &str, backend: SocketAddr, proxy: SocketAddr) {
+    let [alice, bob, robot] = *keys;
     let base = format!("http://{proxy}");
     println!();
     println!("portcullis demo: a built-in backend on http://{backend}, the proxy on {base}");
@@ -104,6 +109,8 @@ fn print_instructions(alice: &str, bob: &str, token: &str, backend: SocketAddr, 
     println!("curl -i {base}/v1/datasets/ds_1");
     println!("# 403: bob is a viewer and may not write");
     println!("curl -i -X PUT -H 'X-API-Key: {bob}' {base}/v1/datasets/ds_1");
+    println!("# filtered (200): the backend lists three datasets; etl-bot may read only ds_1, so it sees one");
+    println!("curl -i -H 'Authorization: Bearer {robot}' {base}/v1/datasets");
     println!();
     println!("OAuth: an access token for alice with scope datasets:read, signed by the demo's");
     println!("identity provider (its JWK Set: http://{backend}{JWKS_PATH}):");
@@ -199,6 +206,9 @@ async fn serve_backend(listener: TcpListener, jwks: Arc<Bytes>) {
                         );
                         return Ok::<_, Infallible>(response);
                     }
+                    if request.uri().path() == "/v1/datasets" {
+                        return Ok::<_, Infallible>(list());
+                    }
                     Ok::<_, Infallible>(echo(&request))
                 }
             });
@@ -207,6 +217,24 @@ async fn serve_backend(listener: TcpListener, jwks: Arc<Bytes>) {
                 .await;
         });
     }
+}
+
+/// The demo backend's list: every dataset, whoever asks (portcullis filters it).
+fn list() -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "data": [
+            {"id": "ds_1", "name": "sales"},
+            {"id": "ds_2", "name": "payroll"},
+            {"id": "ds_3", "name": "experiments"},
+        ],
+        "backend": "portcullis demo backend",
+    });
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn echo(request: &Request<Incoming>) -> Response<Full<Bytes>> {

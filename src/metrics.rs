@@ -32,6 +32,10 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     /// Upstream failures by kind (`connect`, `timeout`).
     pub upstream_errors: IntCounterVec,
+    /// Items filtered routes removed from answers, by route.
+    pub filtered_items: IntCounterVec,
+    /// Answers of filtered routes that could not be filtered (502), by route and reason.
+    pub filter_failures: IntCounterVec,
     /// Opt-in per-key series (cardinality grows with the number of keys).
     pub per_key: Option<PerKeyMetrics>,
 }
@@ -100,6 +104,22 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let filtered_items = IntCounterVec::new(
+            Opts::new(
+                "portcullis_filtered_items_total",
+                "Items removed from answers by response filtering, by route.",
+            ),
+            &["route"],
+        )?;
+        let filter_failures = IntCounterVec::new(
+            Opts::new(
+                "portcullis_filter_failures_total",
+                "Answers of filtered routes that could not be filtered and were refused (502), by route and reason.",
+            ),
+            &["route", "reason"],
+        )?;
+        registry.register(Box::new(filtered_items.clone()))?;
+        registry.register(Box::new(filter_failures.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "portcullis_build_info",
@@ -163,6 +183,8 @@ impl Metrics {
             config_generation,
             last_reload_success,
             upstream_errors,
+            filtered_items,
+            filter_failures,
             per_key,
         })
     }

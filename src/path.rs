@@ -202,6 +202,25 @@ fn without_format(path: &str) -> String {
     }
 }
 
+/// A value (an instance named in a JSON answer, say) in the form a normalised request path
+/// carries it in one segment: unreserved characters, sub-delimiters, `:` and `@` as they are,
+/// every other byte percent-encoded with upper-case hex.
+pub fn segment_form(value: &str) -> std::borrow::Cow<'_, str> {
+    let literal = |b: u8| is_unreserved(b) || b"!$&'()*+,;=:@".contains(&b);
+    if value.bytes().all(literal) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for b in value.bytes() {
+        if literal(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The form routes are matched in: the normalised path without a trailing slash (except `/`),
 /// so `/x/` is judged exactly like `/x` and can never fall through to a broader route.
 pub fn match_form(normalised: &str) -> &str {

@@ -48,6 +48,10 @@ pub struct DecisionEvent {
     pub user_agent: Option<String>,
     /// The backend's status, when the request reached it.
     pub upstream_status: Option<u16>,
+    /// On a filtered route: how many items were removed from the answer.
+    pub filtered: Option<u64>,
+    /// On a filtered route: why the answer could not be filtered (it was refused with 502).
+    pub filter_error: Option<&'static str>,
     /// Time spent on the whole request, in microseconds.
     pub duration_us: u64,
 }
@@ -159,6 +163,8 @@ pub const FIELD_NAMES: &[&str] = &[
     "client_ip",
     "user_agent",
     "upstream_status",
+    "filtered",
+    "filter_error",
     "duration_us",
     "file",
     "result",
@@ -279,6 +285,12 @@ fn decision_fields<'a>(d: &'a DecisionEvent, f: &mut Vec<(&'static str, Value<'a
     if let Some(s) = d.upstream_status {
         f.push(("upstream_status", Value::Num(u64::from(s))));
     }
+    if let Some(n) = d.filtered {
+        f.push(("filtered", Value::Num(n)));
+    }
+    if let Some(e) = d.filter_error {
+        f.push(("filter_error", Value::Word(e)));
+    }
     f.push(("duration_us", Value::Num(d.duration_us)));
 }
 
@@ -309,6 +321,8 @@ mod tests {
             client_ip: "127.0.0.1".into(),
             user_agent: Some("curl".into()),
             upstream_status: Some(200),
+            filtered: Some(2),
+            filter_error: None,
             duration_us: 12,
         }
     }

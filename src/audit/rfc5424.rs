@@ -352,6 +352,8 @@ mod tests {
             credential: Some("key"),
             issuer: None,
             client_id: None,
+            filtered: None,
+            filter_error: None,
             client_ip: "10.0.0.1".into(),
             user_agent: Some("curl/8".into()),
             upstream_status: Some(200),

@@ -227,6 +227,44 @@ fn explain(
             _ => {}
         }
     }
+    if let (
+        Some(route),
+        Some(RouteRule::Protected {
+            resource, access, ..
+        }),
+    ) = (decision.route, decision.route.map(|r| &r.rule))
+    {
+        if let Some(filter) = &route.filter {
+            let name = policy.resource_name(*resource);
+            let mut line = format!(
+                "filter: the answer's list at {:?} is filtered by each item's {:?}",
+                filter.items.as_str(),
+                filter.instance.as_str()
+            );
+            if decision.reason.allows() {
+                if decision.filter {
+                    let passing: Vec<String> = decision
+                        .caller
+                        .map(|c| c.grants())
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|g| g.access >= *access)
+                        .filter(|g| g.resource.is_none_or(|r| r == *resource))
+                        .filter_map(|g| g.instance.as_deref().map(|i| format!("{name}/{i}")))
+                        .collect();
+                    line.push_str(&format!(
+                        "; this caller sees only the items of {}",
+                        passing.join(", ")
+                    ));
+                } else {
+                    line.push_str(
+                        "; this caller's grant covers all of it: the answer passes unchanged",
+                    );
+                }
+            }
+            lines.push(line);
+        }
+    }
     if let Some(caller) = decision.caller {
         let grants: Vec<String> = caller
             .grants()

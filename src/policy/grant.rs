@@ -178,6 +178,28 @@ pub fn any_allows<'g>(
     grants.iter().find(|g| g.allows(resource, instance, access))
 }
 
+/// A grant with `access` on some instance of `resource` (a filtered list admits it).
+pub fn some_instance_allows(
+    grants: &[Grant],
+    resource: ResourceId,
+    access: Access,
+) -> Option<&Grant> {
+    grants
+        .iter()
+        .find(|g| g.access >= access && resource_includes(g.resource, resource))
+}
+
+/// Whether `grants` allow `access` on the instance an answer's item names; the same test a
+/// request path's instance gets.
+pub fn item_allowed(
+    grants: &[Grant],
+    resource: ResourceId,
+    instance: &str,
+    access: Access,
+) -> bool {
+    any_allows(grants, resource, Some(instance), access).is_some()
+}
+
 /// The intersection of two grant sets, without grants another one already covers.
 pub fn intersect_sets(a: &[Grant], b: &[Grant]) -> Vec<Grant> {
     let mut out = Vec::new();

@@ -3,6 +3,7 @@
 //! Pure: no I/O, no clock. `compile` turns the YAML text into a [`Policy`] or reports every
 //! problem with its line and column; the request path then only calls [`Policy::lookup`].
 
+pub mod filter;
 pub mod grant;
 pub mod matcher;
 pub mod model;
@@ -14,7 +15,8 @@ use http::Method;
 use marked_yaml::Spanned;
 
 use crate::diagnostic::{self, Problem};
-use grant::{Access, Grant, GrantSpec, ResourceId};
+pub use grant::ResourceId;
+use grant::{Access, Grant, GrantSpec};
 use matcher::{RouteTable, Template};
 use model::{PolicyFile, PrincipalSpec, RouteSpec};
 
@@ -84,6 +86,17 @@ pub struct Route {
     pub index: usize,
     /// A body is accepted on methods without body semantics (`allow_body: true`).
     pub allow_body: bool,
+    /// The answer's list is filtered by the caller's instance grants.
+    pub filter: Option<RouteFilter>,
+}
+
+/// A route's compiled `filter:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteFilter {
+    /// The array in the answer.
+    pub items: filter::Pointer,
+    /// The instance value inside each item.
+    pub instance: filter::Pointer,
 }
 
 /// A route found for a request, with the instance value when the route names one.
@@ -315,6 +328,43 @@ impl Builder {
         let Some(rule) = self.route_rule(spec, &template, problems) else {
             return;
         };
+        let filter = match &spec.filter {
+            None => None,
+            Some(f) => {
+                let mut bad = false;
+                if matches!(rule, RouteRule::Public) {
+                    problems.push(Problem::at_span(
+                        f.span(),
+                        "a public route cannot filter: everyone may read it whole",
+                    ));
+                    bad = true;
+                }
+                if matches!(
+                    rule,
+                    RouteRule::Protected {
+                        instance_param: Some(_),
+                        ..
+                    }
+                ) {
+                    problems.push(Problem::at_span(
+                        f.span(),
+                        "filter is for list routes: this route already names one instance",
+                    ));
+                    bad = true;
+                }
+                let mut pointer = |p: &Spanned<String>, field: &str| {
+                    filter::Pointer::parse(p).map_err(|e| {
+                        problems.push(Problem::at_span(p.span(), format!("filter.{field}: {e}")))
+                    })
+                };
+                let items = pointer(&f.items, "items");
+                let instance = pointer(&f.instance, "instance");
+                match (items, instance, bad) {
+                    (Ok(items), Ok(instance), false) => Some(RouteFilter { items, instance }),
+                    _ => return,
+                }
+            }
+        };
         let index = self.routes.len();
         let line = spec.matcher.span().start().map_or(0, |m| m.line());
         for method in &methods {
@@ -343,6 +393,7 @@ impl Builder {
             line,
             index,
             allow_body: spec.allow_body.as_ref().is_some_and(|b| **b),
+            filter,
         });
     }
 

@@ -45,8 +45,21 @@ pub struct RouteSpec {
     /// the next request on the connection.
     #[serde(default)]
     pub allow_body: Option<Spanned<bool>>,
+    /// Filter the JSON list in the answer by the caller's instance grants.
+    #[serde(default)]
+    pub filter: Option<Spanned<FilterSpec>>,
     /// Free text for people.
     pub description: Option<String>,
+}
+
+/// `filter:` on a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSpec {
+    /// JSON Pointer to the array in the answer (`""` is the body itself).
+    pub items: Spanned<String>,
+    /// JSON Pointer, inside each item, to the value naming its instance.
+    pub instance: Spanned<String>,
 }
 
 /// One principal.

@@ -31,6 +31,8 @@ pub enum Refusal {
     BrokenBody,
     /// The client paused its request body for longer than `connections.body_timeout`.
     StalledBody,
+    /// A filtered route's answer could not be filtered, so it is not passed on.
+    FilterFailed(crate::policy::filter::FilterError),
 }
 
 struct Problem {
@@ -104,6 +106,15 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
                 (Some(a), Some(r)) => format!("This API key does not have {a} access to {r}."),
                 _ => "This API key may not make this request.".to_string(),
             },
+        ),
+        Refusal::FilterFailed(e) => (
+            StatusCode::BAD_GATEWAY,
+            "filter-failed",
+            "Bad Gateway",
+            format!(
+                "The backend's answer could not be filtered to what this caller may read ({}), so it is not passed on.",
+                e.as_str()
+            ),
         ),
         Refusal::TokenForbidden(access) => (
             deny_status,

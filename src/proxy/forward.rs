@@ -64,6 +64,8 @@ pub struct ForwardContext<'a> {
     /// Ask the backend to close the connection after this request: a body on a method without
     /// body semantics (allowed by the route) must not be able to turn into a next request.
     pub close_after: bool,
+    /// Ask the backend for an uncompressed answer (a filtered route reads it).
+    pub uncompressed: bool,
 }
 
 impl Upstream {
@@ -149,6 +151,12 @@ impl Upstream {
         parts
             .headers
             .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
+        if ctx.uncompressed {
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         if ctx.close_after {
             parts
                 .headers

@@ -97,6 +97,16 @@ pub struct Service {
     pub body_timeout: Duration,
     /// OAuth access tokens, when `oauth:` is configured.
     pub oauth: Option<Arc<OAuth>>,
+    /// Largest answer a filtered route buffers to filter (`filter_max_bytes`).
+    pub filter_max_bytes: usize,
+}
+
+/// How to filter one answer: what the route names, and the caller's grants on it.
+struct FilterPlan {
+    filter: crate::policy::RouteFilter,
+    resource: crate::policy::ResourceId,
+    access: Access,
+    grants: Vec<crate::policy::grant::Grant>,
 }
 
 /// What happened to a request, kept by index into its snapshot so recording allocates nothing.
@@ -115,6 +125,10 @@ struct Outcome {
     instance: Option<(usize, usize)>,
     user_agent: Option<String>,
     client: Option<SocketAddr>,
+    /// Items a filtered route removed from the answer.
+    filtered: Option<u64>,
+    /// Why a filtered route's answer could not be filtered (and was not passed on).
+    filter_error: Option<&'static str>,
 }
 
 impl Service {
@@ -262,6 +276,28 @@ impl Service {
             outcome.snapshot = Some(snapshot);
             return response;
         }
+        let filtered_route = decision.route.and_then(|r| r.filter.as_ref());
+        let plan = match (
+            decision.filter,
+            filtered_route,
+            decision.route.map(|r| &r.rule),
+        ) {
+            (
+                true,
+                Some(filter),
+                Some(RouteRule::Protected {
+                    resource, access, ..
+                }),
+            ) => Some(FilterPlan {
+                filter: filter.clone(),
+                resource: *resource,
+                access: *access,
+                grants: decision
+                    .caller
+                    .map_or_else(Vec::new, |c| c.grants().to_vec()),
+            }),
+            _ => None,
+        };
         let ctx = ForwardContext {
             path: &normalised,
             caller: decision.caller,
@@ -271,6 +307,7 @@ impl Service {
             rules: self.backend.headers,
             body_timeout: self.body_timeout,
             close_after: body_on_bodyless,
+            uncompressed: filtered_route.is_some(),
         };
         drop(presented);
         let sent = Instant::now();
@@ -281,7 +318,13 @@ impl Service {
         match result {
             Ok(response) => {
                 outcome.upstream_status = Some(response.status().as_u16());
-                response
+                match plan {
+                    None => response,
+                    Some(plan) => {
+                        self.filtered(response, plan, outcome, request_id, rid)
+                            .await
+                    }
+                }
             }
             Err(refusal) => {
                 let kind = match refusal {
@@ -296,6 +339,98 @@ impl Service {
                         .inc();
                 }
                 deny::respond(refusal, self.deny_status, None, rid)
+            }
+        }
+    }
+
+    /// The answer of a filtered route, with only the items the caller may read; a 502 when it
+    /// cannot be filtered safely, never the unfiltered body.
+    async fn filtered(
+        &self,
+        response: Response<ProxyBody>,
+        plan: FilterPlan,
+        outcome: &mut Outcome,
+        request_id: &HeaderValue,
+        rid: &str,
+    ) -> Response<ProxyBody> {
+        use crate::policy::filter::{self, FilterError};
+        use http_body_util::BodyExt;
+        if !response.status().is_success() {
+            return response;
+        }
+        let route = outcome
+            .snapshot
+            .as_deref()
+            .zip(outcome.route)
+            .and_then(|(s, i)| s.policy.routes().get(i))
+            .map_or("", |r| &*r.template)
+            .to_string();
+        let result: Result<(Response<ProxyBody>, usize), FilterError> = async {
+            let compressed = response
+                .headers()
+                .get(http::header::CONTENT_ENCODING)
+                .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if compressed {
+                return Err(FilterError::Compressed);
+            }
+            let (mut parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, self.filter_max_bytes)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        FilterError::TooLarge
+                    } else {
+                        FilterError::Unreadable
+                    }
+                })?
+                .to_bytes();
+            let (grants, resource, access) = (&plan.grants, plan.resource, plan.access);
+            let (kept, removed) = filter::filter(
+                &body,
+                &plan.filter.items,
+                &plan.filter.instance,
+                |instance| crate::policy::grant::item_allowed(grants, resource, instance, access),
+            )?;
+            for name in [
+                http::header::ETAG,
+                http::header::CONTENT_LENGTH,
+                http::header::TRANSFER_ENCODING,
+            ] {
+                parts.headers.remove(name);
+            }
+            parts.headers.remove("content-md5");
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(kept.len()));
+            let body = http_body_util::Full::new(bytes::Bytes::from(kept))
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            Ok((Response::from_parts(parts, body), removed))
+        }
+        .await;
+        match result {
+            Ok((response, removed)) => {
+                outcome.filtered = Some(removed as u64);
+                self.metrics
+                    .filtered_items
+                    .with_label_values(&[&route])
+                    .inc_by(removed as u64);
+                response
+            }
+            Err(e) => {
+                outcome.filter_error = Some(e.as_str());
+                self.metrics
+                    .filter_failures
+                    .with_label_values(&[&route, e.as_str()])
+                    .inc();
+                tracing::warn!(
+                    route,
+                    reason = e.as_str(),
+                    request_id = request_id.to_str().unwrap_or(""),
+                    "answer could not be filtered; 502 instead"
+                );
+                deny::respond(Refusal::FilterFailed(e), self.deny_status, None, rid)
             }
         }
     }
@@ -450,6 +585,8 @@ fn decision_event(
         client_ip: outcome.client.map_or(String::new(), |c| c.ip().to_string()),
         user_agent: outcome.user_agent.clone(),
         upstream_status: outcome.upstream_status,
+        filtered: outcome.filtered,
+        filter_error: outcome.filter_error,
         duration_us: elapsed.as_micros() as u64,
     }
 }

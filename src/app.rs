@@ -213,6 +213,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         body_timeout: config.connections.body_timeout,
         oauth,
         filter_max_bytes: config.filter_max_bytes,
+        token_limiters: papaya::HashMap::new(),
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),

@@ -50,6 +50,8 @@ pub enum Reason {
     InvalidToken,
     /// A valid token whose principal claim names no principal of the policy.
     UnknownPrincipal,
+    /// The key (or token principal) is over its rate limit.
+    RateLimited,
 }
 
 impl Reason {
@@ -72,6 +74,7 @@ impl Reason {
             Reason::BodyNotAllowed => "body_not_allowed",
             Reason::InvalidToken => "invalid_token",
             Reason::UnknownPrincipal => "unknown_principal",
+            Reason::RateLimited => "rate_limited",
         }
     }
 

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inject;
 pub mod keyapi;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod oauth;
 pub mod path;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     /// Upstream failures by kind (`connect`, `timeout`).
     pub upstream_errors: IntCounterVec,
+    /// Requests refused for a rate limit, by principal kind and route.
+    pub rate_limited: IntCounterVec,
     /// Items filtered routes removed from answers, by route.
     pub filtered_items: IntCounterVec,
     /// Answers of filtered routes that could not be filtered (502), by route and reason.
@@ -118,6 +120,14 @@ impl Metrics {
             ),
             &["route", "reason"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "portcullis_rate_limited_total",
+                "Requests refused with 429 because the key (or token principal) was over its limit, by principal kind and route.",
+            ),
+            &["principal_kind", "route"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(filtered_items.clone()))?;
         registry.register(Box::new(filter_failures.clone()))?;
         let build_info = IntGaugeVec::new(
@@ -183,6 +193,7 @@ impl Metrics {
             config_generation,
             last_reload_success,
             upstream_errors,
+            rate_limited,
             filtered_items,
             filter_failures,
             per_key,

@@ -36,6 +36,8 @@ pub struct Usage {
     calls: AtomicU64,
     last_used: AtomicI64,
     flushed: AtomicU64,
+    /// The key's rate-limit state (see `limits::take`); 8 bytes per key, kept across reloads.
+    pub limiter: AtomicU64,
 }
 
 impl Usage {
@@ -86,6 +88,7 @@ impl UsageTable {
             calls: AtomicU64::new(0),
             last_used: AtomicI64::new(0),
             flushed: AtomicU64::new(0),
+            limiter: AtomicU64::new(0),
         };
         self.slots.get(slot as usize).unwrap_or(&UNUSED)
     }

@@ -53,6 +53,8 @@ pub struct Principal {
     pub kind: PrincipalKind,
     /// Everything the principal may do.
     pub grants: Arc<[Grant]>,
+    /// Requests per key (or per token principal) allowed, when limited.
+    pub limit: Option<crate::limits::Rate>,
 }
 
 /// What a matched route demands.
@@ -529,8 +531,23 @@ fn compile_principals(
     problems: &mut Vec<Problem>,
 ) -> HashMap<Box<str>, Arc<Principal>> {
     let mut principals = HashMap::new();
+    let rate = |text: &Spanned<String>, problems: &mut Vec<Problem>| {
+        crate::limits::Rate::parse(text)
+            .map_err(|e| problems.push(Problem::at_span(text.span(), e)))
+            .ok()
+    };
+    let default = file
+        .limits
+        .as_ref()
+        .and_then(|l| l.default.as_ref())
+        .and_then(|d| rate(d, problems));
     for (name, spec) in &file.principals {
-        if let Some(p) = compile_principal(builder, name, spec, roles, problems) {
+        let limit = match &spec.limit {
+            Some(l) => rate(l, problems),
+            None => default,
+        };
+        if let Some(mut p) = compile_principal(builder, name, spec, roles, problems) {
+            p.limit = limit;
             principals.insert(name.as_str().into(), Arc::new(p));
         }
     }
@@ -586,6 +603,7 @@ fn compile_principal(
     Some(Principal {
         name: name.as_str().into(),
         header_value: http::HeaderValue::from_str(name.as_str()).ok(),
+        limit: None,
         kind: kind?,
         grants: grant::simplify(grants).into(),
     })

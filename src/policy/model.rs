@@ -22,6 +22,17 @@ pub struct PolicyFile {
     /// Principal name → definition.
     #[serde(default)]
     pub principals: HashMap<Spanned<String>, PrincipalSpec>,
+    /// Rate limits.
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+}
+
+/// `limits:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// The limit of every key (or token principal) whose principal names none (`100/s`).
+    pub default: Option<Spanned<String>>,
 }
 
 /// One route rule.
@@ -74,6 +85,8 @@ pub struct PrincipalSpec {
     /// Direct grants.
     #[serde(default)]
     pub grants: Vec<Spanned<String>>,
+    /// This principal's rate limit per key (`10/s`), instead of `limits.default`.
+    pub limit: Option<Spanned<String>>,
     /// Free text for people.
     pub description: Option<String>,
 }

@@ -31,6 +31,8 @@ pub enum Refusal {
     BrokenBody,
     /// The client paused its request body for longer than `connections.body_timeout`.
     StalledBody,
+    /// The caller is over its rate limit.
+    RateLimited,
     /// A filtered route's answer could not be filtered, so it is not passed on.
     FilterFailed(crate::policy::filter::FilterError),
 }
@@ -106,6 +108,12 @@ fn describe(refusal: Refusal, deny_status: StatusCode, resource: Option<&str>) -
                 (Some(a), Some(r)) => format!("This API key does not have {a} access to {r}."),
                 _ => "This API key may not make this request.".to_string(),
             },
+        ),
+        Refusal::RateLimited => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too Many Requests",
+            "This key is over its rate limit; try again after the number of seconds in Retry-After.".to_string(),
         ),
         Refusal::FilterFailed(e) => (
             StatusCode::BAD_GATEWAY,

@@ -99,7 +99,13 @@ pub struct Service {
     pub oauth: Option<Arc<OAuth>>,
     /// Largest answer a filtered route buffers to filter (`filter_max_bytes`).
     pub filter_max_bytes: usize,
+    /// Rate-limit state of token principals (keys keep theirs beside their usage counters).
+    pub token_limiters: papaya::HashMap<Box<str>, std::sync::atomic::AtomicU64>,
 }
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 /// How to filter one answer: what the route names, and the caller's grants on it.
 struct FilterPlan {
@@ -276,6 +282,61 @@ impl Service {
             outcome.snapshot = Some(snapshot);
             return response;
         }
+        // Rate limits: after the decision, so refused and unauthenticated requests spend no
+        // budget, and per key, so another key's flood never touches this one's.
+        let mut rate_headers = None;
+        if let (Reason::Granted, Some(caller)) = (decision.reason, decision.caller) {
+            if let Some(rate) = caller.principal().limit {
+                let now_ns = crate::limits::now_ns();
+                let verdict = match caller {
+                    Caller::Key(k) => crate::limits::take(&k.usage().limiter, rate, now_ns),
+                    Caller::Token(t) => {
+                        let limiters = self.token_limiters.pin();
+                        let state = limiters.get_or_insert_with(t.principal.name.clone(), || {
+                            std::sync::atomic::AtomicU64::new(0)
+                        });
+                        crate::limits::take(state, rate, now_ns)
+                    }
+                };
+                let policy = HeaderValue::from_str(&format!(
+                    "\"default\";q={};w={}",
+                    rate.count,
+                    rate.window_seconds()
+                ))
+                .ok();
+                match verdict {
+                    crate::limits::Verdict::Allow { remaining, reset } => {
+                        let now =
+                            HeaderValue::from_str(&format!("\"default\";r={remaining};t={reset}"))
+                                .ok();
+                        rate_headers = policy.zip(now);
+                    }
+                    crate::limits::Verdict::Deny { retry_after } => {
+                        outcome.reason = Some(Reason::RateLimited);
+                        let route = decision.route.map_or("", |r| &*r.template);
+                        self.metrics
+                            .rate_limited
+                            .with_label_values(&[caller.principal().kind.as_str(), route])
+                            .inc();
+                        outcome.path = normalised;
+                        let mut response =
+                            deny::respond(Refusal::RateLimited, self.deny_status, None, rid);
+                        let h = response.headers_mut();
+                        h.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+                        if let Some(policy) = policy {
+                            h.insert(RATELIMIT_POLICY.clone(), policy);
+                        }
+                        if let Ok(v) =
+                            HeaderValue::from_str(&format!("\"default\";r=0;t={retry_after}"))
+                        {
+                            h.insert(RATELIMIT.clone(), v);
+                        }
+                        outcome.snapshot = Some(snapshot.clone());
+                        return response;
+                    }
+                }
+            }
+        }
         let filtered_route = decision.route.and_then(|r| r.filter.as_ref());
         let plan = match (
             decision.filter,
@@ -316,8 +377,14 @@ impl Service {
         outcome.path = normalised;
         outcome.snapshot = Some(snapshot);
         match result {
-            Ok(response) => {
+            Ok(mut response) => {
                 outcome.upstream_status = Some(response.status().as_u16());
+                if let Some((policy, now)) = rate_headers {
+                    response
+                        .headers_mut()
+                        .insert(RATELIMIT_POLICY.clone(), policy);
+                    response.headers_mut().insert(RATELIMIT.clone(), now);
+                }
                 match plan {
                     None => response,
                     Some(plan) => {

@@ -54,6 +54,16 @@ fn run_command(command: Command) -> ExitCode {
             };
             command_result(cli::explain::run(&files, &who, &method, &path))
         }
+        Command::Replay {
+            policy,
+            keys,
+            audit,
+        } => command_result(cli::replay::run(&policy, keys.as_deref(), &audit).and_then(
+            |changed| match changed {
+                0 => Ok(()),
+                n => Err(CommandError::Changed(n)),
+            },
+        )),
         Command::Inject(args) => command_result(
             portcullis::inject::inject_stdio(&args.into()).map_err(CommandError::from),
         ),
@@ -97,6 +107,10 @@ fn command_result(result: Result<(), CommandError>) -> ExitCode {
         Err(CommandError::Usage(message)) => config_error(&message),
         Err(CommandError::Problems(n)) => {
             eprintln!("portcullis: {n} problem(s) found");
+            ExitCode::FAILURE
+        }
+        Err(CommandError::Changed(n)) => {
+            eprintln!("portcullis: {n} decision(s) would change");
             ExitCode::FAILURE
         }
         Err(CommandError::Arguments(message)) => {

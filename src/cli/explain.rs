@@ -102,7 +102,7 @@ pub fn run(files: &FileArgs, who: &Who, method: &str, raw_path: &str) -> Result<
 }
 
 /// An empty keys file for explaining without keys.
-fn empty_keys() -> Result<PathBuf, CommandError> {
+pub(crate) fn empty_keys() -> Result<PathBuf, CommandError> {
     let dir = std::env::temp_dir().join(format!("portcullis-explain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Usage(e.to_string()))?;
     let path = dir.join("keys.yaml");

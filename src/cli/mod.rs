@@ -3,6 +3,7 @@
 pub mod check;
 pub mod explain;
 pub mod keys;
+pub mod replay;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,19 @@ pub enum Command {
         method: String,
         /// Request path, e.g. /v1/datasets/ds_1.
         path: String,
+    },
+    /// Decide every audited decision again with a new policy and print what would change.
+    /// Exit 0 when nothing changes, 1 when something does, 64 when a file cannot be read.
+    Replay {
+        /// The policy to try.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Keys (file or PostgreSQL URL), so keys' scopes narrow them as in the proxy; without
+        /// it each event's principal is replayed with its full access.
+        #[arg(long)]
+        keys: Option<String>,
+        /// The audit stream as JSON lines (`audit.file`).
+        audit: PathBuf,
     },
     /// Add the portcullis sidecar to the workloads in a YAML stream (stdin to stdout).
     Inject(crate::inject::InjectArgs),
@@ -183,6 +197,9 @@ pub enum CommandError {
     /// Validation found problems (already printed): exit 1.
     #[error("{0} problem(s) found")]
     Problems(usize),
+    /// `replay` found decisions that would change: exit 1.
+    #[error("{0} decision(s) would change")]
+    Changed(u64),
     /// The command line itself is incomplete: exit 2, as for any bad argument.
     #[error("{0}")]
     Arguments(String),

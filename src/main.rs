@@ -73,9 +73,7 @@ fn run_command(command: Command) -> ExitCode {
             key,
             options,
         } => serve(async move {
-            portcullis::inject::run_injector(listen, &cert, &key, options.into())
-                .await
-                .map_err(RunError::Other)
+            portcullis::inject::run_injector(listen, &cert, &key, options.into()).await
         }),
     }
 }

@@ -169,7 +169,59 @@ fn assert_valid_injected_pod(pod: &Value, options: &InjectOptions) -> u16 {
         sidecar["args"],
         json!(["run", "-c", format!("{config_dir}/portcullis.yaml")])
     );
-    let config = portcullis::config::Config::parse(text, Path::new(&config_dir)).unwrap();
+    // Everything but the spool is mounted read-only.
+    for m in strs(sidecar, "/volumeMounts") {
+        let writable = m["name"] == "portcullis-spool";
+        assert_eq!(
+            m["readOnly"].as_bool().unwrap_or(false),
+            !writable,
+            "{m} must be {}",
+            if writable { "writable" } else { "read-only" }
+        );
+    }
+    // The audit TLS files exist only inside the pod: load the config against real ones.
+    let tls_files = tempfile::tempdir().unwrap();
+    let has_audit_tls = strs(sidecar, "/volumeMounts")
+        .iter()
+        .any(|m| m["name"] == "portcullis-audit-tls");
+    let loadable = if has_audit_tls {
+        write_audit_tls_files(tls_files.path());
+        text.replace(
+            &mount("portcullis-audit-tls"),
+            tls_files.path().to_str().unwrap(),
+        )
+    } else {
+        text.to_string()
+    };
+    let config = portcullis::config::Config::parse(&loadable, Path::new(&config_dir)).unwrap();
+    match (&config.audit, &options.audit_syslog) {
+        (None, None) => {}
+        (Some(audit), Some(url)) => {
+            let syslog = audit.syslog.as_ref().unwrap();
+            assert_eq!(&syslog.url, url);
+            let spool = syslog.spool_dir.as_ref().unwrap();
+            assert!(
+                spool.starts_with(mount("portcullis-spool")),
+                "the spool is on the writable spool volume: {spool:?}"
+            );
+            match &options.audit_tls_secret {
+                Some(secret) => {
+                    assert_eq!(
+                        volume("portcullis-audit-tls")["secret"]["secretName"],
+                        *secret
+                    );
+                    let ca = syslog.ca.as_ref().unwrap();
+                    assert!(ca.starts_with(tls_files.path()), "{ca:?}");
+                    assert_eq!(
+                        syslog.client_cert.is_some() && syslog.client_key.is_some(),
+                        options.audit_client_cert
+                    );
+                }
+                None => assert!(!has_audit_tls && syslog.ca.is_none()),
+            }
+        }
+        (audit, url) => panic!("audit block {audit:?} for --audit-syslog {url:?}"),
+    }
     assert_eq!(config.listen.port(), options.proxy_port);
     assert_eq!(config.admin.port(), options.admin_port);
     assert!(config.policy.starts_with(mount("portcullis-policy")));
@@ -188,6 +240,22 @@ fn assert_valid_injected_pod(pod: &Value, options: &InjectOptions) -> u16 {
     assert!(volume("portcullis-spool")["emptyDir"].is_object());
     assert_eq!(config.upstream.host(), Some("127.0.0.1"));
     config.upstream.port_u16().unwrap()
+}
+
+/// What a SIEM TLS Secret holds, in cert-manager's layout: `ca.crt`, `tls.crt`, `tls.key`.
+fn write_audit_tls_files(dir: &Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["portcullis.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(dir.join("tls.crt"), client.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
 }
 
 fn pod_template(doc: &Value) -> &Value {
@@ -683,4 +751,238 @@ fn the_store_overlay_patches_the_example_into_a_valid_pod_with_keys_in_postgres(
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert!(!volumes.contains(&"portcullis-keys"), "{volumes:?}");
+}
+
+// ---- audit to the SIEM, and the binary's messages ----
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary with `args` and `stdin`, waiting at most 20 s.
+fn run(args: &[&str], stdin: &str) -> Ran {
+    use std::io::Write;
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("portcullis {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn audit_options() -> InjectOptions {
+    InjectOptions {
+        audit_syslog: Some("tls://siem.example.com:6514".into()),
+        audit_tls_secret: Some("siem-tls".into()),
+        audit_client_cert: true,
+        ..InjectOptions::default()
+    }
+}
+
+#[test]
+fn inject_with_audit_flags_configures_the_siem_spool_and_ca_secret() {
+    let ran = run(
+        &[
+            "inject",
+            "--audit-syslog",
+            "tls://siem.example.com:6514",
+            "--audit-tls-secret",
+            "siem-tls",
+            "--audit-client-cert",
+        ],
+        &read("deploy/kubernetes/uninjected/datasets-api.yaml"),
+    );
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert_eq!(ran.stderr, "");
+    let docs = documents(&ran.stdout);
+    let pod = pod_template(&docs[0]);
+    assert_eq!(assert_valid_injected_pod(pod, &audit_options()), 3000);
+    let config = pod["metadata"]["annotations"]["portcullis.dev/config"]
+        .as_str()
+        .unwrap();
+    for line in [
+        "audit:",
+        "  syslog:",
+        "    url: \"tls://siem.example.com:6514\"",
+        "    spool_dir: /var/spool/portcullis/audit",
+        "    spool_max_bytes: 805306368",
+        "    ca: /etc/portcullis/audit-tls/ca.crt",
+        "    client_cert: /etc/portcullis/audit-tls/tls.crt",
+        "    client_key: /etc/portcullis/audit-tls/tls.key",
+    ] {
+        assert!(config.lines().any(|l| l == line), "{line:?} in\n{config}");
+    }
+    let sidecar = &pod["spec"]["initContainers"][0];
+    assert!(strs(sidecar, "/volumeMounts").contains(&json!({
+        "name": "portcullis-audit-tls", "mountPath": "/etc/portcullis/audit-tls", "readOnly": true
+    })));
+    // Injecting the output again changes nothing.
+    let again = run(
+        &["inject", "--audit-syslog", "tls://siem.example.com:6514"],
+        &ran.stdout,
+    );
+    assert_eq!(again.stdout, ran.stdout);
+}
+
+#[test]
+fn audit_annotations_through_the_webhook_make_the_same_pod_as_inject() {
+    let annotations = json!({
+        "portcullis.dev/inject": "true",
+        "portcullis.dev/audit-syslog": "tls://siem.example.com:6514",
+        "portcullis.dev/audit-tls-secret": "siem-tls",
+        "portcullis.dev/audit-client-cert": "true",
+    });
+    let request = admission_review(annotations);
+    let response = review(&request, &InjectOptions::default());
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    let pod = apply(&request["request"]["object"], &decoded_patch(&response));
+    assert_valid_injected_pod(&pod, &audit_options());
+    let as_yaml = serde_yaml::to_string(&request["request"]["object"]).unwrap();
+    let by_cli = documents(&inject_stream(&as_yaml, &InjectOptions::default()).unwrap()).remove(0);
+    assert_eq!(by_cli, pod);
+}
+
+#[test]
+fn a_written_config_whose_spool_lands_on_the_read_only_mount_is_refused() {
+    let input = read("deploy/kubernetes/uninjected/datasets-api.yaml").replace(
+        "    metadata:\n      labels:\n        app.kubernetes.io/name: datasets-api\n    spec:",
+        "    metadata:\n      labels:\n        app.kubernetes.io/name: datasets-api\n      \
+         annotations:\n        portcullis.dev/config: |\n          upstream: http://127.0.0.1:3000\n          \
+         audit:\n            syslog: { url: \"tls://siem:6514\" }\n    spec:",
+    );
+    assert!(
+        input.contains("portcullis.dev/config"),
+        "the fixture changed"
+    );
+    let ran = run(&["inject"], &input);
+    assert_eq!(ran.code, Some(64), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("Deployment/datasets-api"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr
+            .contains("set spool_dir: /var/spool/portcullis/audit"),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(ran.stdout, "");
+}
+
+#[test]
+fn inject_warns_about_a_service_that_targets_the_app_port() {
+    let services = "apiVersion: v1\nkind: Service\nmetadata: { name: datasets-direct }\n\
+        spec:\n  selector: { app.kubernetes.io/name: datasets-api }\n  \
+        ports: [{ name: web, port: 80, targetPort: 3000 }, { port: 3000 }]\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: { name: datasets-api }\n\
+        spec:\n  selector: { app.kubernetes.io/name: datasets-api }\n  \
+        ports: [{ port: 80, targetPort: http }]\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: { name: elsewhere }\n\
+        spec:\n  selector: { app: other }\n  ports: [{ port: 80, targetPort: 3000 }]\n---\n";
+    let input = format!(
+        "{services}{}",
+        read("deploy/kubernetes/uninjected/datasets-api.yaml")
+    );
+    let ran = run(&["inject"], &input);
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    let warnings: Vec<&str> = ran.stderr.lines().collect();
+    assert_eq!(warnings.len(), 2, "{}", ran.stderr);
+    for (line, port) in warnings.iter().zip([80, 3000]) {
+        assert!(
+            line.starts_with(&format!(
+                "portcullis inject: warning: Service/datasets-direct port {port} has targetPort 3000, \
+                 the app's own port in Deployment/datasets-api: its clients bypass the proxy"
+            )),
+            "{line}"
+        );
+        assert!(line.contains("targetPort: 8080"), "{line}");
+    }
+    // The Services pass through unchanged: the warning is all.
+    assert!(ran.stdout.starts_with(services), "{}", ran.stdout);
+    // Injected output with the same Services warns again: they still bypass the proxy.
+    let again = run(&["inject"], &ran.stdout);
+    assert_eq!(again.stderr.lines().count(), 2, "{}", again.stderr);
+}
+
+#[test]
+fn injector_with_a_missing_or_garbage_certificate_exits_64_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.pem");
+    let key = dir.path().join("tls.key");
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    for cert in [&missing, &garbage] {
+        let ran = run(
+            &[
+                "injector",
+                "--listen",
+                "127.0.0.1:0",
+                "--cert",
+                cert.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ],
+            "",
+        );
+        assert_eq!(ran.code, Some(64), "{}", ran.stderr);
+        assert_eq!(ran.stdout, "", "nothing is announced");
+        assert!(
+            ran.stderr.starts_with(&format!(
+                "injector: cannot load the serving certificate: {}: ",
+                cert.display()
+            )),
+            "{}",
+            ran.stderr
+        );
+    }
+    let ran = run(
+        &[
+            "injector",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--audit-syslog",
+            "siem:514",
+        ],
+        "",
+    );
+    assert_eq!(ran.code, Some(64), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("--audit-syslog: \"siem:514\""),
+        "{}",
+        ran.stderr
+    );
 }

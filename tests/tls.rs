@@ -339,3 +339,33 @@ async fn an_https_upstream_is_trusted_by_its_ca_and_spoken_to_in_http2() {
     let answer = get(untrusting.addr, "/v1/jobs", &[("authorization", &auth)]).await;
     assert_eq!(answer.status, 502);
 }
+
+#[tokio::test]
+async fn a_garbage_certificate_on_reload_is_blamed_on_the_certificate_file() {
+    let backend = RecordingBackend::start().await;
+    let ca = Ca::new();
+    let victor = TestKey::new("victor");
+    let proxy = tls_proxy(&backend.url(), &ca, &victor, "").await;
+    // PEM that decodes, with no X.509 certificate inside.
+    let ws = &proxy.workspace;
+    ws.write(
+        "cert.pem.new",
+        "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZSwgbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    );
+    std::fs::rename(ws.path("cert.pem.new"), ws.path("cert.pem")).unwrap();
+    eventually("the reload is rejected", PATIENCE, || async {
+        proxy.stderr().contains("not a valid X.509 certificate")
+    })
+    .await;
+    let log = proxy.stderr();
+    assert!(
+        log.contains("cert.pem: the first certificate is not a valid X.509 certificate"),
+        "{log}"
+    );
+    assert!(!log.contains("unusable private key"), "{log}");
+    // The last good certificate keeps serving.
+    let mut c = connect(proxy.addr, &ca.pem(), &[b"http/1.1"], None)
+        .await
+        .unwrap();
+    assert_eq!(c.get("/v1/jobs", &victor).await.unwrap(), 200);
+}

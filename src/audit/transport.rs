@@ -185,10 +185,19 @@ impl Transport {
                 let tls = connector
                     .connect(name.clone(), tcp)
                     .await
-                    .context("TLS handshake")?;
+                    .map_err(handshake_error)?;
                 Ok(Conn::Stream(Box::new(tls)))
             }
         }
+    }
+}
+
+/// A failed handshake, in plain words when it is one of the usual certificate mistakes (the
+/// rustls error stays in brackets, for searching).
+fn handshake_error(e: std::io::Error) -> anyhow::Error {
+    match crate::tls::explain_tls_failure(&e, crate::tls::TlsPeer::Syslog) {
+        Some(plain) => anyhow!("TLS handshake failed: {plain} [{e}]"),
+        None => anyhow::Error::new(e).context("TLS handshake"),
     }
 }
 
@@ -320,6 +329,104 @@ mod tests {
         );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// A TLS server on 127.0.0.1 presenting `cert`; accepts (and fails) handshakes forever.
+    async fn tls_server(cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> u16 {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        port
+    }
+
+    fn certificate(is_ca: bool, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
+        if is_ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    /// Connects to `port` trusting `ca` and returns the error text, as the shipper logs it.
+    async fn handshake_failure(port: u16, ca: &rcgen::Certificate, server_name: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let endpoint = parse_url(&format!("tls://127.0.0.1:{port}")).unwrap();
+        let files = TlsFiles {
+            ca: Some(&ca_file),
+            server_name: Some(server_name),
+            ..TlsFiles::default()
+        };
+        let transport = Transport::new(endpoint, &files, Duration::from_secs(5)).unwrap();
+        match transport.connect().await {
+            Ok(_) => panic!("the handshake must fail"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ca_certificate_on_the_siem_is_explained() {
+        // What `openssl req -x509` makes: self-signed with basicConstraints CA:TRUE.
+        let (cert, key) = certificate(true, &["localhost"]);
+        let port = tls_server(&cert, &key).await;
+        let text = handshake_failure(port, &cert, "localhost").await;
+        assert!(
+            text.contains("the SIEM's certificate is a CA certificate (basicConstraints CA:TRUE"),
+            "{text}"
+        );
+        assert!(
+            text.contains("issue a server certificate from that CA"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CaUsedAsEndEntity"),
+            "the raw error stays: {text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_issuer_and_wrong_name_are_explained() {
+        let (cert, key) = certificate(false, &["siem.example.com"]);
+        let port = tls_server(&cert, &key).await;
+        let (stranger, _) = certificate(false, &["other.example.com"]);
+        let text = handshake_failure(port, &stranger, "siem.example.com").await;
+        assert!(
+            text.contains("not signed by a CA this side trusts"),
+            "{text}"
+        );
+        assert!(text.contains("audit.syslog.ca"), "{text}");
+        let text = handshake_failure(port, &cert, "localhost").await;
+        assert!(
+            text.contains("not valid for \"localhost\"; it names siem.example.com"),
+            "{text}"
+        );
+        assert!(text.contains("audit.syslog.server_name"), "{text}");
     }
 
     #[test]

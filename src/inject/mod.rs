@@ -15,7 +15,7 @@ mod stream;
 pub use plan::pod_patch;
 pub use review::review;
 pub use server::{run_injector, serve};
-pub use stream::inject_stream;
+pub use stream::{inject_stream, inject_stream_with_warnings, Injected};
 
 /// Pod annotation that asks the webhook for injection (`"true"`); `"false"` also makes
 /// `portcullis inject` leave the workload alone.
@@ -31,6 +31,12 @@ pub const APP_PORT_ANNOTATION: &str = "portcullis.dev/app-port";
 pub const POLICY_ANNOTATION: &str = "portcullis.dev/policy-configmap";
 /// Per-pod override of [`InjectOptions::secret`].
 pub const KEYS_ANNOTATION: &str = "portcullis.dev/keys-secret";
+/// Per-pod override of [`InjectOptions::audit_syslog`]: the SIEM's `audit.syslog.url`.
+pub const AUDIT_SYSLOG_ANNOTATION: &str = "portcullis.dev/audit-syslog";
+/// Per-pod override of [`InjectOptions::audit_tls_secret`].
+pub const AUDIT_TLS_SECRET_ANNOTATION: &str = "portcullis.dev/audit-tls-secret";
+/// Per-pod override of [`InjectOptions::audit_client_cert`] (`"true"` or `"false"`).
+pub const AUDIT_CLIENT_CERT_ANNOTATION: &str = "portcullis.dev/audit-client-cert";
 /// The sidecar's container name.
 pub const SIDECAR_NAME: &str = "portcullis";
 
@@ -49,6 +55,16 @@ pub struct InjectOptions {
     pub config_map: String,
     /// Secret holding `keys.yaml`.
     pub secret: String,
+    /// Audit to this syslog URL (`tls://siem:6514`, `tcp://...`, `udp://...`); the spool goes
+    /// on the writable spool volume. `None`: the generated config has no `audit:` block.
+    pub audit_syslog: Option<String>,
+    /// Secret mounted read-only at `/etc/portcullis/audit-tls`: `ca.crt` is the CA that signs
+    /// the SIEM's certificate (`audit.syslog.ca`), and with [`Self::audit_client_cert`] `tls.crt`
+    /// and `tls.key` are the client certificate for mutual TLS (the layout of a cert-manager
+    /// Certificate's Secret).
+    pub audit_tls_secret: Option<String>,
+    /// Send `tls.crt`/`tls.key` of [`Self::audit_tls_secret`] as client certificate.
+    pub audit_client_cert: bool,
 }
 
 impl Default for InjectOptions {
@@ -60,7 +76,18 @@ impl Default for InjectOptions {
             app_port: None,
             config_map: "portcullis-policy".into(),
             secret: "portcullis-keys".into(),
+            audit_syslog: None,
+            audit_tls_secret: None,
+            audit_client_cert: false,
         }
+    }
+}
+
+impl InjectOptions {
+    /// Checks the options that no pod annotation can repair, so a bad flag stops `inject` and
+    /// `injector` at once instead of failing every pod.
+    pub fn validate(&self) -> Result<(), InjectError> {
+        plan::check_audit(self, "--audit-syslog", "--audit-tls-secret")
     }
 }
 
@@ -85,6 +112,17 @@ pub struct InjectArgs {
     /// Secret holding keys.yaml.
     #[arg(long, default_value = "portcullis-keys")]
     pub secret: String,
+    /// Audit every injected pod to this syslog URL, e.g. tls://siem.example.com:6514 (the
+    /// spool goes on the pod's spool volume; pods override it with portcullis.dev/audit-syslog).
+    #[arg(long, value_name = "URL")]
+    pub audit_syslog: Option<String>,
+    /// Secret with the SIEM's CA (ca.crt) and, with --audit-client-cert, a client certificate
+    /// (tls.crt, tls.key), mounted read-only into the sidecar.
+    #[arg(long, value_name = "SECRET")]
+    pub audit_tls_secret: Option<String>,
+    /// Send tls.crt/tls.key from --audit-tls-secret as client certificate (mutual TLS).
+    #[arg(long)]
+    pub audit_client_cert: bool,
 }
 
 impl From<InjectArgs> for InjectOptions {
@@ -96,19 +134,28 @@ impl From<InjectArgs> for InjectOptions {
             app_port: args.app_port,
             config_map: args.config_map,
             secret: args.secret,
+            audit_syslog: args.audit_syslog,
+            audit_tls_secret: args.audit_tls_secret,
+            audit_client_cert: args.audit_client_cert,
         }
     }
 }
 
 /// `portcullis inject`: reads the manifests on stdin and writes the injected stream to stdout.
+/// Warnings (say, a Service that sends clients around the proxy) go to stderr; they do not
+/// change the exit code.
 pub fn inject_stdio(options: &InjectOptions) -> anyhow::Result<()> {
     use std::io::{Read, Write};
+    options.validate()?;
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
         .map_err(|e| anyhow::anyhow!("cannot read the manifests from stdin: {e}"))?;
-    let output = inject_stream(&input, options)?;
-    std::io::stdout().write_all(output.as_bytes())?;
+    let injected = inject_stream_with_warnings(&input, options)?;
+    for warning in &injected.warnings {
+        eprintln!("portcullis inject: warning: {warning}");
+    }
+    std::io::stdout().write_all(injected.output.as_bytes())?;
     Ok(())
 }
 
@@ -145,6 +192,10 @@ pub enum InjectError {
     /// The pod shares the node's network namespace.
     #[error("hostNetwork pods cannot be injected: the proxy would listen on the node itself")]
     HostNetwork,
+    /// The audit settings cannot work (a bad URL, TLS files without `tls://`, an operator's
+    /// config whose spool would land on the read-only config mount).
+    #[error("{0}")]
+    Audit(String),
     /// A portcullis annotation has a value that makes no sense.
     #[error("annotation {key}: {value:?} is not valid ({why})")]
     BadAnnotation {

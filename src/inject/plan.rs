@@ -6,9 +6,13 @@
 
 use serde_yaml::{Mapping, Value};
 
-use super::sidecar::{Sidecar, ADMIN_PORT_NAME, PROXY_PORT_NAME, VOLUME_NAMES};
+use super::sidecar::{
+    Sidecar, ADMIN_PORT_NAME, AUDIT_SPOOL_DIR, AUDIT_TLS_DIR, CONFIG_PATH, PROXY_PORT_NAME,
+    SPOOL_DIR, SPOOL_VOLUME, VOLUME_NAMES,
+};
 use super::{
-    InjectError, InjectOptions, APP_PORT_ANNOTATION, CONFIG_ANNOTATION, INJECTED_ANNOTATION,
+    InjectError, InjectOptions, APP_PORT_ANNOTATION, AUDIT_CLIENT_CERT_ANNOTATION,
+    AUDIT_SYSLOG_ANNOTATION, AUDIT_TLS_SECRET_ANNOTATION, CONFIG_ANNOTATION, INJECTED_ANNOTATION,
     KEYS_ANNOTATION, POLICY_ANNOTATION, SIDECAR_NAME,
 };
 
@@ -89,6 +93,17 @@ pub fn is_injected(pod: &Value) -> bool {
 
 /// The operations for the pod at `prefix` (`""` for a Pod, `/spec/template` for a Deployment).
 pub fn plan(pod: &Value, options: &InjectOptions, prefix: &str) -> Result<Vec<Op>, InjectError> {
+    plan_pod(pod, options, prefix, false)
+}
+
+/// [`plan`], where `spool_claim` says that the workload provides the spool volume itself (a
+/// StatefulSet's `volumeClaimTemplates` entry named `portcullis-spool`).
+pub fn plan_pod(
+    pod: &Value,
+    options: &InjectOptions,
+    prefix: &str,
+    spool_claim: bool,
+) -> Result<Vec<Op>, InjectError> {
     if is_injected(pod) {
         return Ok(Vec::new());
     }
@@ -111,15 +126,27 @@ pub fn plan(pod: &Value, options: &InjectOptions, prefix: &str) -> Result<Vec<Op
     };
     check_ports(spec, &options, app_port)?;
     check_names(spec)?;
+    match annotations(pod)
+        .and_then(|a| a.get(CONFIG_ANNOTATION))
+        .and_then(Value::as_str)
+    {
+        Some(written) => check_written_config(written, annotations(pod))?,
+        None => check_audit_combination(&options)?,
+    }
     let handover = find_app_port(containers, app_port);
     let proxy_port_name = handover
         .as_ref()
         .and_then(|h| h.name.clone())
         .unwrap_or_else(|| PROXY_PORT_NAME.to_string());
+    let spool_provided = spool_claim
+        || sequence(spec, "volumes")
+            .iter()
+            .any(|v| v.get("name").and_then(Value::as_str) == Some(SPOOL_VOLUME));
     let sidecar = Sidecar {
         options,
         app_port,
         proxy_port_name,
+        spool_provided,
     };
     let mut ops = annotation_ops(pod, &sidecar, prefix);
     ops.push(init_container_op(spec, &sidecar, prefix)?);
@@ -188,7 +215,163 @@ fn with_overrides(
             *slot = name.to_string();
         }
     }
+    if let Some(name) = get(AUDIT_TLS_SECRET_ANNOTATION) {
+        if !is_dns_label(name) {
+            return Err(InjectError::BadAnnotation {
+                key: AUDIT_TLS_SECRET_ANNOTATION,
+                value: name.into(),
+                why: "expected a Kubernetes Secret name",
+            });
+        }
+        options.audit_tls_secret = Some(name.to_string());
+    }
+    if let Some(url) = get(AUDIT_SYSLOG_ANNOTATION) {
+        check_syslog_url(AUDIT_SYSLOG_ANNOTATION, url)?;
+        options.audit_syslog = Some(url.to_string());
+    }
+    if let Some(text) = get(AUDIT_CLIENT_CERT_ANNOTATION) {
+        options.audit_client_cert = match text {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(InjectError::BadAnnotation {
+                    key: AUDIT_CLIENT_CERT_ANNOTATION,
+                    value: text.into(),
+                    why: "expected \"true\" or \"false\"",
+                })
+            }
+        };
+    }
     Ok(options)
+}
+
+/// The flags' own audit settings: a URL portcullis accepts and a Secret name Kubernetes does.
+pub(super) fn check_audit(
+    options: &InjectOptions,
+    url_flag: &str,
+    secret_flag: &str,
+) -> Result<(), InjectError> {
+    if let Some(url) = &options.audit_syslog {
+        check_syslog_url(url_flag, url)?;
+    }
+    if let Some(name) = &options.audit_tls_secret {
+        if !is_dns_label(name) {
+            return Err(InjectError::Audit(format!(
+                "{secret_flag}: {name:?} is not a Kubernetes Secret name"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `url` as `audit.syslog.url` would take it, checked by the config's own parser.
+fn check_syslog_url(what: &str, url: &str) -> Result<(), InjectError> {
+    use crate::audit::{AuditConfig, SyslogConfig};
+    // Checking a tls:// URL would read CA files that exist only inside the pod; the host and
+    // port rules are the same for tcp://.
+    let probe = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tls") => format!("tcp://{rest}"),
+        _ => url.to_string(),
+    };
+    let config = AuditConfig {
+        syslog: Some(SyslogConfig {
+            url: probe,
+            spool_dir: Some(AUDIT_SPOOL_DIR.into()),
+            hostname: Some("inject".into()),
+            ..SyslogConfig::default()
+        }),
+        ..AuditConfig::default()
+    };
+    let printable = url.bytes().all(|b| b.is_ascii_graphic());
+    if printable && config.validate().is_ok() {
+        return Ok(());
+    }
+    Err(InjectError::Audit(format!(
+        "{what}: {url:?} is not a syslog URL: expected tls://HOST[:PORT] (TLS, port 6514 by \
+         default), tcp://HOST[:PORT] or udp://HOST[:PORT]"
+    )))
+}
+
+/// The audit settings of one pod, for the config injection writes.
+fn check_audit_combination(options: &InjectOptions) -> Result<(), InjectError> {
+    let tls = options
+        .audit_syslog
+        .as_deref()
+        .and_then(|u| u.split_once("://"))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("tls"));
+    if options.audit_client_cert && options.audit_tls_secret.is_none() {
+        return Err(InjectError::Audit(format!(
+            "a client certificate for the SIEM ({AUDIT_CLIENT_CERT_ANNOTATION} or \
+             --audit-client-cert) comes from the audit TLS Secret: name it with \
+             {AUDIT_TLS_SECRET_ANNOTATION} or --audit-tls-secret"
+        )));
+    }
+    match (&options.audit_syslog, &options.audit_tls_secret) {
+        (Some(url), Some(secret)) if !tls => Err(InjectError::Audit(format!(
+            "the audit TLS Secret {secret:?} is for a tls:// SIEM, but the syslog URL is {url:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A `portcullis.dev/config` the operator wrote is kept, but not when it cannot start: an audit
+/// spool or JSON-lines file without an absolute path lands beside the config, on the read-only
+/// downward-API mount, and `run` exits 64 there.
+fn check_written_config(text: &str, annotations: Option<&Mapping>) -> Result<(), InjectError> {
+    if annotations.is_some_and(|a| a.contains_key(AUDIT_SYSLOG_ANNOTATION)) {
+        return Err(InjectError::Audit(format!(
+            "{AUDIT_SYSLOG_ANNOTATION} only applies to the config injection writes, and this pod \
+             brings its own {CONFIG_ANNOTATION}: put the audit block into that config instead \
+             (audit.syslog.url, spool_dir: {AUDIT_SPOOL_DIR}, ca: {AUDIT_TLS_DIR}/ca.crt)"
+        )));
+    }
+    let Ok(config) = serde_yaml::from_str::<Value>(text) else {
+        return Ok(()); // `run` reports it with line and column
+    };
+    let Some(audit) = config.get("audit") else {
+        return Ok(());
+    };
+    let config_dir = CONFIG_PATH.rsplit_once('/').map_or(CONFIG_PATH, |(d, _)| d);
+    if let Some(syslog) = audit.get("syslog").filter(|s| s.is_mapping()) {
+        let spool = syslog.get("spool_dir").and_then(Value::as_str);
+        if !spool.is_some_and(|p| p.starts_with('/')) {
+            return Err(InjectError::Audit(format!(
+                "{CONFIG_ANNOTATION}: audit.syslog.spool_dir is {}, so the spool would be \
+                 {config_dir}/{}, on the read-only config mount, and the sidecar would exit 64: \
+                 set spool_dir: {AUDIT_SPOOL_DIR} (on the writable volume at {SPOOL_DIR})",
+                spool.map_or("not set".to_string(), |p| format!("{p:?}")),
+                spool.unwrap_or("spool"),
+            )));
+        }
+    }
+    if let Some(file) = audit.get("file").and_then(Value::as_str) {
+        if file != "-" && !file.starts_with('/') {
+            return Err(InjectError::Audit(format!(
+                "{CONFIG_ANNOTATION}: audit.file {file:?} would be written beside the config, on \
+                 the read-only config mount: use \"-\" (stdout, for kubectl logs) or a path \
+                 under {SPOOL_DIR}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The port the sidecar forwards to for this pod (template), injected or not; `None` when it
+/// cannot be told (the injection itself then says why).
+pub fn app_port_of(pod: &Value, options: &InjectOptions) -> Option<u16> {
+    if is_injected(pod) {
+        let text = annotations(pod)?.get(CONFIG_ANNOTATION)?.as_str()?;
+        let config: Value = serde_yaml::from_str(text).ok()?;
+        let upstream = config
+            .get("upstream")?
+            .as_str()?
+            .parse::<http::Uri>()
+            .ok()?;
+        return upstream.port_u16();
+    }
+    let options = with_overrides(options, annotations(pod)).ok()?;
+    let containers = sequence(pod.get("spec"), "containers");
+    options.app_port.or_else(|| first_port(containers))
 }
 
 fn is_dns_label(name: &str) -> bool {
@@ -253,7 +436,8 @@ fn check_ports(
 fn check_names(spec: Option<&Value>) -> Result<(), InjectError> {
     for v in sequence(spec, "volumes") {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
-            if VOLUME_NAMES.contains(&name) {
+            // The pod may bring its own spool volume (a PVC, an `ephemeral` volume).
+            if name != SPOOL_VOLUME && VOLUME_NAMES.contains(&name) {
                 return Err(InjectError::NameTaken {
                     what: "volume",
                     name: name.into(),
@@ -587,6 +771,147 @@ spec:
             .as_str()
             .unwrap();
         assert!(config.contains("deny_status: 401"));
+    }
+
+    fn config_of(p: &Value) -> &str {
+        p["metadata"]["annotations"][CONFIG_ANNOTATION]
+            .as_str()
+            .unwrap()
+    }
+
+    #[test]
+    fn audit_annotations_write_the_audit_block_and_mount_the_tls_secret() {
+        let text = APP.replace(
+            "{ team: data }",
+            "{ portcullis.dev/audit-syslog: \"tls://siem.example.com:6514\", \
+               portcullis.dev/audit-tls-secret: siem-tls, portcullis.dev/audit-client-cert: \"true\" }",
+        );
+        let p = injected(&text, &InjectOptions::default());
+        let config = config_of(&p);
+        assert!(
+            config.contains(
+                "audit:\n  syslog:\n    url: \"tls://siem.example.com:6514\"\n    \
+                 spool_dir: /var/spool/portcullis/audit\n    spool_max_bytes: 805306368\n    \
+                 ca: /etc/portcullis/audit-tls/ca.crt\n    \
+                 client_cert: /etc/portcullis/audit-tls/tls.crt\n    \
+                 client_key: /etc/portcullis/audit-tls/tls.key\n"
+            ),
+            "{config}"
+        );
+        let volumes = p["spec"]["volumes"].as_sequence().unwrap();
+        assert_eq!(volumes.len(), 5);
+        assert_eq!(volumes[4]["name"], Value::from("portcullis-audit-tls"));
+        assert_eq!(volumes[4]["secret"]["secretName"], Value::from("siem-tls"));
+        let mounts = p["spec"]["initContainers"][0]["volumeMounts"]
+            .as_sequence()
+            .unwrap();
+        let tls = mounts
+            .iter()
+            .find(|m| m["name"] == "portcullis-audit-tls")
+            .unwrap();
+        assert_eq!(tls["mountPath"], Value::from("/etc/portcullis/audit-tls"));
+        assert_eq!(tls["readOnly"], Value::from(true));
+    }
+
+    #[test]
+    fn audit_options_apply_to_every_pod_and_annotations_win() {
+        let options = InjectOptions {
+            audit_syslog: Some("tcp://siem:601".into()),
+            ..InjectOptions::default()
+        };
+        let p = injected(APP, &options);
+        assert!(config_of(&p).contains("url: \"tcp://siem:601\"\n"));
+        assert!(!config_of(&p).contains("ca:"));
+        assert_eq!(p["spec"]["volumes"].as_sequence().unwrap().len(), 4);
+        let text = APP.replace(
+            "{ team: data }",
+            "{ portcullis.dev/audit-syslog: \"udp://10.0.0.9\" }",
+        );
+        let p = injected(&text, &options);
+        assert!(config_of(&p).contains("url: \"udp://10.0.0.9\"\n"));
+    }
+
+    #[test]
+    fn audit_settings_that_cannot_work_are_refused() {
+        for (annotations, expected) in [
+            ("{ portcullis.dev/audit-syslog: \"siem:6514\" }", "not a syslog URL"),
+            ("{ portcullis.dev/audit-syslog: \"tls://siem:0\" }", "not a syslog URL"),
+            (
+                "{ portcullis.dev/audit-syslog: \"tcp://siem\", portcullis.dev/audit-tls-secret: s }",
+                "is for a tls:// SIEM",
+            ),
+            (
+                "{ portcullis.dev/audit-syslog: \"tls://siem\", portcullis.dev/audit-client-cert: \"true\" }",
+                "name it with portcullis.dev/audit-tls-secret",
+            ),
+            ("{ portcullis.dev/audit-client-cert: \"yes\" }", "\"true\" or \"false\""),
+            ("{ portcullis.dev/audit-tls-secret: Siem_TLS }", "Secret name"),
+            (
+                "{ portcullis.dev/config: \"upstream: http://127.0.0.1:3000\\naudit: { syslog: { url: \\\"tcp://s:1\\\" } }\\n\" }",
+                "spool_dir: /var/spool/portcullis/audit",
+            ),
+            (
+                "{ portcullis.dev/config: \"upstream: http://127.0.0.1:3000\\naudit: { file: audit.jsonl }\\n\" }",
+                "read-only config mount",
+            ),
+            (
+                "{ portcullis.dev/config: \"upstream: http://127.0.0.1:3000\\n\", portcullis.dev/audit-syslog: \"tcp://s:1\" }",
+                "brings its own portcullis.dev/config",
+            ),
+        ] {
+            let text = APP.replace("{ team: data }", annotations);
+            let e = plan(&pod(&text), &InjectOptions::default(), "").unwrap_err();
+            assert!(e.to_string().contains(expected), "{annotations}: {e}");
+        }
+        let bad_flag = InjectOptions {
+            audit_syslog: Some("https://siem".into()),
+            ..InjectOptions::default()
+        };
+        let e = bad_flag.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--audit-syslog: \"https://siem\""), "{e}");
+    }
+
+    #[test]
+    fn a_written_config_with_a_spool_on_the_spool_volume_is_kept() {
+        let text = APP.replace(
+            "{ team: data }",
+            "{ portcullis.dev/config: \"upstream: http://127.0.0.1:3000\\naudit: { file: \\\"-\\\", syslog: { url: \\\"tcp://s:1\\\", spool_dir: /var/spool/portcullis/audit } }\\n\" }",
+        );
+        let p = injected(&text, &InjectOptions::default());
+        assert!(config_of(&p).contains("spool_dir: /var/spool/portcullis/audit"));
+    }
+
+    #[test]
+    fn a_pod_may_bring_its_own_spool_volume() {
+        let text = format!(
+            "{APP}  volumes: [{{ name: portcullis-spool, persistentVolumeClaim: {{ claimName: spool }} }}]\n"
+        );
+        let p = injected(&text, &InjectOptions::default());
+        let volumes = p["spec"]["volumes"].as_sequence().unwrap();
+        let spools: Vec<&Value> = volumes
+            .iter()
+            .filter(|v| v["name"] == "portcullis-spool")
+            .collect();
+        assert_eq!(spools.len(), 1);
+        assert!(spools[0].get("persistentVolumeClaim").is_some());
+        // A StatefulSet's claim template of that name provides it too.
+        let p = pod(APP);
+        let ops = plan_pod(&p, &InjectOptions::default(), "", true).unwrap();
+        let mut p = p;
+        apply(&mut p, &ops).unwrap();
+        assert!(p["spec"]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .all(|v| v["name"] != "portcullis-spool"));
+    }
+
+    #[test]
+    fn app_port_of_injected_and_uninjected_pods() {
+        let p = pod(APP);
+        assert_eq!(app_port_of(&p, &InjectOptions::default()), Some(3000));
+        let p = injected(APP, &InjectOptions::default());
+        assert_eq!(app_port_of(&p, &InjectOptions::default()), Some(3000));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -38,19 +38,34 @@ const GRACE: Duration = Duration::from_secs(15);
 /// `portcullis injector --listen ADDR --cert PEM --key PEM`: mutating admission webhook
 /// (AdmissionReview v1 over HTTPS) that patches pods annotated `portcullis.dev/inject: "true"`.
 /// Runs until SIGTERM/SIGINT.
+///
+/// Everything that can be wrong in the configuration (the options, the certificate and key, the
+/// listen address) is checked before `listening injector ...` is printed; any of it ends the
+/// process with exit code 64 and a message naming the file or address.
 pub async fn run_injector(
     listen: SocketAddr,
     cert: &Path,
     key: &Path,
     options: InjectOptions,
-) -> anyhow::Result<()> {
+) -> Result<(), crate::app::RunError> {
+    use crate::app::RunError;
+    options
+        .validate()
+        .map_err(|e| RunError::Config(format!("injector: {e}")))?;
+    let initial = load_certified_key(cert, key).map_err(|message| {
+        RunError::Config(format!(
+            "injector: cannot load the serving certificate: {message}"
+        ))
+    })?;
     let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {listen} (injector)"))?;
-    let local = listener.local_addr()?;
+        .map_err(|e| RunError::Config(format!("injector: cannot listen on {listen}: {e}")))?;
+    let local = listener.local_addr().map_err(anyhow::Error::from)?;
     println!("listening injector https://{local}");
     tracing::info!(%local, image = %options.image, "injector listening");
-    serve(listener, cert, key, options, shutdown_signal()).await
+    serve_with(listener, cert, key, initial, options, shutdown_signal())
+        .await
+        .map_err(RunError::Other)
 }
 
 /// Serves the webhook on `listener` until `shutdown` completes, then drains.
@@ -61,9 +76,20 @@ pub async fn serve(
     options: InjectOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let resolver = Arc::new(CertResolver::new(
-        load_certified_key(cert, key).map_err(|e| anyhow!(e))?,
-    ));
+    let initial = load_certified_key(cert, key).map_err(|e| anyhow!(e))?;
+    serve_with(listener, cert, key, initial, options, shutdown).await
+}
+
+/// [`serve`] with the certificate already loaded (`cert` and `key` are watched for renewals).
+async fn serve_with(
+    listener: TcpListener,
+    cert: &Path,
+    key: &Path,
+    initial: rustls::sign::CertifiedKey,
+    options: InjectOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let resolver = Arc::new(CertResolver::new(initial));
     let tls = TlsConfig {
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),

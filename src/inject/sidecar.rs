@@ -8,21 +8,36 @@ use serde_yaml::Value;
 
 use super::{InjectOptions, CONFIG_ANNOTATION, SIDECAR_NAME};
 
-/// Volume names the sidecar adds to the pod.
-pub const VOLUME_NAMES: [&str; 4] = [
+/// Volume names the sidecar adds to the pod. A pod may bring its own [`SPOOL_VOLUME`]; the
+/// others must not be taken.
+pub const VOLUME_NAMES: [&str; 5] = [
     "portcullis-config",
     "portcullis-policy",
     "portcullis-keys",
-    "portcullis-spool",
+    SPOOL_VOLUME,
+    AUDIT_TLS_VOLUME,
 ];
+/// The writable volume for the audit spool (and a key cache): an `emptyDir` unless the pod
+/// declares a volume of this name itself (a PVC, an `ephemeral` volume).
+pub const SPOOL_VOLUME: &str = "portcullis-spool";
+/// The Secret volume with the SIEM's CA and the client certificate.
+pub const AUDIT_TLS_VOLUME: &str = "portcullis-audit-tls";
+/// Where that Secret is mounted.
+pub const AUDIT_TLS_DIR: &str = "/etc/portcullis/audit-tls";
 /// Port name of the admin listener.
 pub const ADMIN_PORT_NAME: &str = "pcs-admin";
 /// Port name of the proxy when the app's port had none to hand over.
 pub const PROXY_PORT_NAME: &str = "pcs-proxy";
 /// Where the generated config is mounted.
 pub const CONFIG_PATH: &str = "/etc/portcullis/config/portcullis.yaml";
-/// Where the audit spool lives (an emptyDir, so the root filesystem stays read-only).
+/// Where the spool volume is mounted (so the root filesystem stays read-only).
 pub const SPOOL_DIR: &str = "/var/spool/portcullis";
+/// `audit.syslog.spool_dir` of the generated config: on the spool volume.
+pub const AUDIT_SPOOL_DIR: &str = "/var/spool/portcullis/audit";
+/// `audit.syslog.spool_max_bytes` of the generated config: 768 MiB, so a full spool stays
+/// below the spool `emptyDir`'s 1Gi `sizeLimit` (past which the kubelet evicts the pod, spool
+/// and all) with room for a key cache.
+pub const AUDIT_SPOOL_MAX_BYTES: u64 = 768 << 20;
 
 /// The resolved settings for one pod.
 #[derive(Debug, Clone)]
@@ -33,6 +48,8 @@ pub struct Sidecar {
     pub app_port: u16,
     /// Name for the proxy's container port (taken over from the app's port when it had one).
     pub proxy_port_name: String,
+    /// The pod declares its own [`SPOOL_VOLUME`]; no `emptyDir` is added.
+    pub spool_provided: bool,
 }
 
 impl Sidecar {
@@ -45,11 +62,36 @@ impl Sidecar {
              admin: 0.0.0.0:{admin}\n\
              policy: /etc/portcullis/policy/policy.yaml\n\
              keys: /etc/portcullis/keys/keys.yaml\n\
+             {audit}\
              log:\n  format: json\n",
             proxy = self.options.proxy_port,
             app = self.app_port,
             admin = self.options.admin_port,
+            audit = self.audit_text(),
         )
+    }
+
+    /// The `audit:` block: the syslog stream to the SIEM, spooled on the writable spool volume,
+    /// trusting the CA (and sending the client certificate) from the audit TLS Secret.
+    fn audit_text(&self) -> String {
+        let o = &self.options;
+        let Some(url) = &o.audit_syslog else {
+            return String::new();
+        };
+        let mut text = format!(
+            "audit:\n  syslog:\n    url: {url}\n    spool_dir: {AUDIT_SPOOL_DIR}\n    \
+             spool_max_bytes: {AUDIT_SPOOL_MAX_BYTES}\n",
+            url = quote(url)
+        );
+        if o.audit_tls_secret.is_some() {
+            text.push_str(&format!("    ca: {AUDIT_TLS_DIR}/ca.crt\n"));
+            if o.audit_client_cert {
+                text.push_str(&format!(
+                    "    client_cert: {AUDIT_TLS_DIR}/tls.crt\n    client_key: {AUDIT_TLS_DIR}/tls.key\n"
+                ));
+            }
+        }
+        text
     }
 
     /// The native sidecar: an init container that keeps running (`restartPolicy: Always`), so it
@@ -98,8 +140,8 @@ volumeMounts:
   - {{ name: portcullis-config, mountPath: /etc/portcullis/config, readOnly: true }}
   - {{ name: portcullis-policy, mountPath: /etc/portcullis/policy, readOnly: true }}
   - {{ name: portcullis-keys, mountPath: /etc/portcullis/keys, readOnly: true }}
-  - {{ name: portcullis-spool, mountPath: {spool} }}
-"#,
+  - {{ name: {spool_volume}, mountPath: {spool} }}
+{audit_tls_mount}"#,
             name = SIDECAR_NAME,
             image = quote(&o.image),
             config = CONFIG_PATH,
@@ -108,6 +150,13 @@ volumeMounts:
             admin_name = ADMIN_PORT_NAME,
             admin = o.admin_port,
             spool = SPOOL_DIR,
+            spool_volume = SPOOL_VOLUME,
+            audit_tls_mount = match o.audit_tls_secret {
+                Some(_) => format!(
+                    "  - {{ name: {AUDIT_TLS_VOLUME}, mountPath: {AUDIT_TLS_DIR}, readOnly: true }}\n"
+                ),
+                None => String::new(),
+            },
         );
         serde_yaml::from_str(&text)
     }
@@ -126,12 +175,21 @@ volumeMounts:
   configMap: {{ name: {config_map} }}
 - name: portcullis-keys
   secret: {{ secretName: {secret} }}
-- name: portcullis-spool
-  emptyDir: {{ sizeLimit: 1Gi }}
-"#,
+{spool}{audit_tls}"#,
             config_key = CONFIG_ANNOTATION,
             config_map = quote(&self.options.config_map),
             secret = quote(&self.options.secret),
+            spool = match self.spool_provided {
+                true => String::new(),
+                false => format!("- name: {SPOOL_VOLUME}\n  emptyDir: {{ sizeLimit: 1Gi }}\n"),
+            },
+            audit_tls = match &self.options.audit_tls_secret {
+                Some(name) => format!(
+                    "- name: {AUDIT_TLS_VOLUME}\n  secret: {{ secretName: {} }}\n",
+                    quote(name)
+                ),
+                None => String::new(),
+            },
         );
         serde_yaml::from_str(&text)
     }
@@ -153,6 +211,7 @@ mod tests {
             options,
             app_port: 3000,
             proxy_port_name: "http".into(),
+            spool_provided: false,
         }
     }
 
@@ -167,6 +226,20 @@ mod tests {
             config.policy,
             std::path::PathBuf::from("/etc/portcullis/policy/policy.yaml")
         );
+    }
+
+    #[test]
+    fn generated_audit_block_is_accepted_and_spools_on_the_spool_volume() {
+        let s = sidecar(InjectOptions {
+            audit_syslog: Some("tcp://siem.example.com:601".into()),
+            ..InjectOptions::default()
+        });
+        let config = Config::parse(&s.config_text(), std::path::Path::new("/x")).unwrap();
+        let syslog = config.audit.unwrap().syslog.unwrap();
+        assert_eq!(syslog.url, "tcp://siem.example.com:601");
+        let spool = syslog.spool_dir.unwrap();
+        assert!(spool.starts_with(SPOOL_DIR), "{spool:?}");
+        assert_eq!(syslog.spool_max_bytes, Some(768 << 20));
     }
 
     #[test]

@@ -177,7 +177,8 @@ impl Upstream {
                     tracing::warn!(
                         upstream = %self.authority,
                         request_id = ctx.request_id.to_str().unwrap_or(""),
-                        error = %error_chain(&*e),
+                        error = %crate::tls::explain_tls_failure(&*e, crate::tls::TlsPeer::Upstream)
+                            .unwrap_or_else(|| error_chain(&*e)),
                         "upstream request failed"
                     );
                     return Err(Refusal::UpstreamUnreachable);

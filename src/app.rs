@@ -142,6 +142,15 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
     )
     .await
     .map_err(|p| RunError::Config(p.to_string()))?;
+    let shadow = match &config.shadow_policy {
+        Some(path) => {
+            let shadow = crate::shadow::Shadow::load(path, &registry)
+                .map_err(|e| RunError::Other(e.into()))?;
+            loader.follow_shadow(shadow.clone());
+            Some(shadow)
+        }
+        None => None,
+    };
     if config.key_api.enabled {
         warn_if_keys_are_read_only(&config.keys);
     }
@@ -214,6 +223,7 @@ pub async fn start(config: &Config) -> Result<Started, RunError> {
         oauth,
         filter_max_bytes: config.filter_max_bytes,
         token_limiters: papaya::HashMap::new(),
+        shadow,
     });
     let limits = ConnectionLimits {
         max_buf_size: (config.max_header_bytes * 2).max(8192),

@@ -30,6 +30,7 @@ struct ConfigFile {
     upstream_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     filter_max_bytes: Option<usize>,
+    shadow_policy: Option<PathBuf>,
     grace_period: Option<String>,
     tls: Option<TlsConfig>,
     upstream_tls: Option<UpstreamTlsConfig>,
@@ -216,6 +217,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Largest answer a filtered route reads to filter it (→ 502 beyond).
     pub filter_max_bytes: usize,
+    /// A policy every request is also decided with, never enforced (`shadow_policy:`).
+    pub shadow_policy: Option<PathBuf>,
     /// How long in-flight requests get after SIGTERM.
     pub grace_period: Duration,
     /// TLS termination, when configured.
@@ -256,6 +259,7 @@ impl Config {
             upstream_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
             filter_max_bytes: 8 * 1024 * 1024,
+            shadow_policy: None,
             grace_period: Duration::from_secs(25),
             tls: None,
             upstream_tls: UpstreamTlsConfig::default(),
@@ -323,6 +327,7 @@ impl Config {
             Err(e) => fail("keys", e),
         }
         config.key_cache = file.key_cache.map(|c| base.join(c));
+        config.shadow_policy = file.shadow_policy.map(|p| base.join(p));
         if let Some(k) = &file.key_store {
             let ks = &mut config.key_store;
             ks.notify = k.notify.unwrap_or(ks.notify);

@@ -24,6 +24,7 @@ pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod shadow;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -57,6 +57,8 @@ fn decision(n: u64) -> AuditEvent {
         client_id: None,
         filtered: None,
         filter_error: None,
+        shadow_decision: None,
+        shadow_reason: None,
         client_ip: "127.0.0.1".into(),
         user_agent: Some("audit-test/1".into()),
         upstream_status: allow.then_some(200),

@@ -52,6 +52,10 @@ pub struct DecisionEvent {
     pub filtered: Option<u64>,
     /// On a filtered route: why the answer could not be filtered (it was refused with 502).
     pub filter_error: Option<&'static str>,
+    /// With `shadow_policy:`: what the shadow policy would have decided (`allow` or `deny`).
+    pub shadow_decision: Option<&'static str>,
+    /// With `shadow_policy:`: the shadow policy's reason.
+    pub shadow_reason: Option<&'static str>,
     /// Time spent on the whole request, in microseconds.
     pub duration_us: u64,
 }
@@ -165,6 +169,8 @@ pub const FIELD_NAMES: &[&str] = &[
     "upstream_status",
     "filtered",
     "filter_error",
+    "shadow_decision",
+    "shadow_reason",
     "duration_us",
     "file",
     "result",
@@ -291,6 +297,12 @@ fn decision_fields<'a>(d: &'a DecisionEvent, f: &mut Vec<(&'static str, Value<'a
     if let Some(e) = d.filter_error {
         f.push(("filter_error", Value::Word(e)));
     }
+    if let Some(s) = d.shadow_decision {
+        f.push(("shadow_decision", Value::Word(s)));
+    }
+    if let Some(s) = d.shadow_reason {
+        f.push(("shadow_reason", Value::Word(s)));
+    }
     f.push(("duration_us", Value::Num(d.duration_us)));
 }
 
@@ -323,6 +335,8 @@ mod tests {
             upstream_status: Some(200),
             filtered: Some(2),
             filter_error: None,
+            shadow_decision: Some("deny"),
+            shadow_reason: Some("forbidden"),
             duration_us: 12,
         }
     }

@@ -354,6 +354,8 @@ mod tests {
             client_id: None,
             filtered: None,
             filter_error: None,
+            shadow_decision: None,
+            shadow_reason: None,
             client_ip: "10.0.0.1".into(),
             user_agent: Some("curl/8".into()),
             upstream_status: Some(200),

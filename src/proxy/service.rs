@@ -99,6 +99,8 @@ pub struct Service {
     pub oauth: Option<Arc<OAuth>>,
     /// Largest answer a filtered route buffers to filter (`filter_max_bytes`).
     pub filter_max_bytes: usize,
+    /// The shadow policy, when `shadow_policy:` is set.
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
     /// Rate-limit state of token principals (keys keep theirs beside their usage counters).
     pub token_limiters: papaya::HashMap<Box<str>, std::sync::atomic::AtomicU64>,
 }
@@ -135,6 +137,8 @@ struct Outcome {
     filtered: Option<u64>,
     /// Why a filtered route's answer could not be filtered (and was not passed on).
     filter_error: Option<&'static str>,
+    /// What the shadow policy would have decided.
+    shadow: Option<crate::shadow::ShadowDecision>,
 }
 
 impl Service {
@@ -251,6 +255,22 @@ impl Service {
             && !decision.route.is_some_and(|r| r.allow_body)
         {
             decision.reason = Reason::BodyNotAllowed;
+        }
+        if let Some(shadow) = &self.shadow {
+            outcome.shadow = shadow.decide(
+                &snapshot,
+                request.method(),
+                &normalised,
+                &self.backend.reading,
+                decision.caller,
+                decision.reason,
+            );
+            if outcome
+                .shadow
+                .is_some_and(|s| s.allow != decision.reason.allows())
+            {
+                shadow.mismatch(decision.route.map_or("", |r| &*r.template));
+            }
         }
         outcome.reason = Some(decision.reason);
         outcome.route = decision.route.map(|r| r.index);
@@ -654,6 +674,10 @@ fn decision_event(
         upstream_status: outcome.upstream_status,
         filtered: outcome.filtered,
         filter_error: outcome.filter_error,
+        shadow_decision: outcome
+            .shadow
+            .map(|s| if s.allow { "allow" } else { "deny" }),
+        shadow_reason: outcome.shadow.map(|s| s.reason.as_str()),
         duration_us: elapsed.as_micros() as u64,
     }
 }

@@ -138,6 +138,8 @@ pub struct Loader {
     /// The last rejection reported: an editor's save often fires several change events, and
     /// one bad edit is reported (logged, counted, audited) once.
     last_rejection: std::sync::Mutex<Option<(ReloadFile, String)>>,
+    /// `shadow_policy:`, watched and reloaded with the rest, never enforced.
+    shadow: std::sync::OnceLock<Arc<crate::shadow::Shadow>>,
 }
 
 /// What the loader is given at start.
@@ -202,6 +204,7 @@ impl Loader {
             tls,
             audit,
             last_rejection: std::sync::Mutex::new(None),
+            shadow: std::sync::OnceLock::new(),
         };
         loader.publish_gauges();
         Ok(Arc::new(loader))
@@ -227,9 +230,17 @@ impl Loader {
         self.keys_ready.load(Ordering::SeqCst)
     }
 
+    /// Follows a shadow policy too (before the watcher starts, so its file is watched).
+    pub fn follow_shadow(&self, shadow: Arc<crate::shadow::Shadow>) {
+        let _ = self.shadow.set(shadow);
+    }
+
     /// The files to watch (a keys file, not a database).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.policy_path.clone()];
+        if let Some(shadow) = self.shadow.get() {
+            files.push(shadow.path().to_path_buf());
+        }
         if let Some(path) = self.keys.file() {
             files.push(path.to_path_buf());
         }
@@ -242,6 +253,9 @@ impl Loader {
 
     /// Re-reads every source and applies what changed. Never leaves a half-applied state.
     pub async fn reload(&self) -> Vec<ReloadOutcome> {
+        if let Some(shadow) = self.shadow.get() {
+            shadow.reload();
+        }
         let mut versions = self.versions.lock().await;
         let mut outcomes = vec![self.reload_state(&mut versions).await];
         if let Some(tls) = &self.tls {

@@ -15,7 +15,7 @@ use crate::store::KeysLocation;
 pub use crate::tls::TlsConfig;
 
 /// The config file as written.
-#[derive(Debug, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     listen: Option<String>,
@@ -43,11 +43,23 @@ struct ConfigFile {
     backend: Option<BackendFile>,
     connections: Option<ConnectionsFile>,
     /// Read again with positions by `oauth::config::parse`.
+    #[schemars(with = "Option<crate::oauth::config::OAuthFile>")]
     oauth: Option<serde_yaml::Value>,
 }
 
+/// The JSON Schema (draft 2020-12) of `portcullis.yaml`, generated from the types that read it.
+pub fn schema() -> serde_json::Value {
+    let mut schema = schemars::schema_for!(ConfigFile);
+    schema.insert("title".into(), "portcullis.yaml".into());
+    schema.insert(
+        "$id".into(),
+        "https://portcullis.dev/schema/config.json".into(),
+    );
+    schema.to_value()
+}
+
 /// `key_store:` as written.
-#[derive(Debug, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyStoreFile {
     notify: Option<bool>,
@@ -78,7 +90,7 @@ impl Default for KeyStoreConfig {
 }
 
 /// `backend:` as written: how the backend may read requests differently from the proxy.
-#[derive(Debug, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendFile {
     case_insensitive: Option<bool>,
@@ -89,7 +101,7 @@ struct BackendFile {
 }
 
 /// `connections:` as written.
-#[derive(Debug, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConnectionsFile {
     max: Option<usize>,
@@ -124,7 +136,7 @@ impl Default for ConnectionsConfig {
 }
 
 /// `key_api:`: the self-service key API on the main listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyApiConfig {
     /// Reserved path prefix (default `/_portcullis/v1/keys`).
@@ -161,7 +173,7 @@ fn default_true() -> bool {
 }
 
 /// `upstream_tls:`: trust for an https upstream.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     /// CA bundle, PEM; without it the system roots are used.
@@ -169,7 +181,7 @@ pub struct UpstreamTlsConfig {
 }
 
 /// `metrics:`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Per-key Prometheus series (one series per key: mind the cardinality).
@@ -178,7 +190,7 @@ pub struct MetricsConfig {
 }
 
 /// `log:`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json`.

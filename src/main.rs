@@ -64,6 +64,7 @@ fn run_command(command: Command) -> ExitCode {
                 n => Err(CommandError::Changed(n)),
             },
         )),
+        Command::Schema { which } => command_result(cli::schema(which)),
         Command::Inject(args) => command_result(
             portcullis::inject::inject_stdio(&args.into()).map_err(CommandError::from),
         ),

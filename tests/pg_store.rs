@@ -536,9 +536,18 @@ async fn migrations_run_once_when_many_start_together_and_import_is_idempotent()
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Every migration ran exactly once (two versions: the tables, then usage's fillfactor).
     assert_eq!(
         pg.query("SELECT count(*) FROM portcullis.schema_migrations"),
-        "1"
+        "2"
+    );
+    assert_eq!(
+        pg.query("SELECT string_agg(version::text, ',' ORDER BY version) FROM portcullis.schema_migrations"),
+        "1,2"
+    );
+    assert_eq!(
+        pg.query("SELECT reloptions::text FROM pg_class WHERE oid = 'portcullis.usage'::regclass"),
+        "{fillfactor=70}"
     );
     // Import a keys file twice: the second time adds nothing.
     let ws = Workspace::new();

@@ -66,7 +66,7 @@ pub const DEFAULT_FSYNC: &str = "200ms";
 pub const DEFAULT_CONFIRM_AFTER: Duration = Duration::from_secs(2);
 
 /// The `audit:` block of `portcullis.yaml`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// JSON lines to this file; `-` means stdout.
@@ -81,7 +81,7 @@ pub struct AuditConfig {
 }
 
 /// The `audit.syslog:` block.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyslogConfig {
     /// `udp://host:port`, `tcp://host:port` or `tls://host:port`.

@@ -19,6 +19,8 @@ use super::Shared;
 const BATCH: usize = 4096;
 /// How often the writer wakes without events (fsync interval, rotation, CLI records).
 const TICK: Duration = Duration::from_millis(100);
+/// How long the writer gathers events after the first of a batch arrives.
+const GATHER: Duration = Duration::from_millis(2);
 /// How often `incoming/` is swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -85,6 +87,18 @@ impl Writer {
                     if n == 0 {
                         self.sync();
                         return;
+                    }
+                    // Group commit: give the request path a moment to hand over more events,
+                    // so at moderate rates one write, one fsync and one wake-up of the shipper
+                    // serve many events, and sending an event rarely has to wake this thread.
+                    if batch.len() < BATCH {
+                        tokio::time::sleep(GATHER).await;
+                        while batch.len() < BATCH {
+                            match self.rx.try_recv() {
+                                Ok(msg) => batch.push(msg),
+                                Err(_) => break,
+                            }
+                        }
                     }
                     if let Some(reply) = self.handle(&mut batch) {
                         self.stop(reply);

@@ -72,6 +72,12 @@ pub enum Command {
         /// The audit stream as JSON lines (`audit.file`).
         audit: PathBuf,
     },
+    /// Print the JSON Schema (draft 2020-12) of a policy file or of portcullis.yaml, for editors.
+    Schema {
+        /// Which file.
+        #[arg(value_enum)]
+        which: SchemaKind,
+    },
     /// Add the portcullis sidecar to the workloads in a YAML stream (stdin to stdout).
     Inject(crate::inject::InjectArgs),
     /// Mutating admission webhook that injects pods annotated portcullis.dev/inject: "true".
@@ -89,6 +95,27 @@ pub enum Command {
         #[command(flatten)]
         options: crate::inject::InjectArgs,
     },
+}
+
+/// The files `portcullis schema` describes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SchemaKind {
+    /// A policy file (`policy.yaml`).
+    Policy,
+    /// The process configuration (`portcullis.yaml`).
+    Config,
+}
+
+/// Prints the schema.
+pub fn schema(which: SchemaKind) -> Result<(), CommandError> {
+    let schema = match which {
+        SchemaKind::Policy => crate::policy::model::schema(),
+        SchemaKind::Config => crate::config::schema(),
+    };
+    let text = serde_json::to_string_pretty(&schema)
+        .map_err(|e| CommandError::Usage(format!("cannot render the schema: {e}")))?;
+    println!("{text}");
+    Ok(())
 }
 
 /// Either a config file or explicit policy/keys files.

@@ -43,22 +43,30 @@ struct Whole {
     oauth: Option<OAuthFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OAuthFile {
+pub(crate) struct OAuthFile {
     issuers: Vec<IssuerFile>,
+    #[schemars(with = "Option<String>")]
     refresh_interval: Option<Spanned<String>>,
+    #[schemars(with = "Option<usize>")]
     cache_size: Option<Spanned<usize>>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct IssuerFile {
+pub(crate) struct IssuerFile {
+    #[schemars(with = "String")]
     issuer: Spanned<String>,
+    #[schemars(with = "String")]
     jwks_uri: Spanned<String>,
+    #[schemars(with = "Option<String>")]
     audience: Option<Spanned<String>>,
+    #[schemars(with = "Option<String>")]
     principal_claim: Option<Spanned<String>>,
+    #[schemars(with = "Option<Vec<String>>")]
     algorithms: Option<Vec<Spanned<String>>>,
+    #[schemars(with = "Option<String>")]
     ca: Option<Spanned<String>>,
 }
 

@@ -561,7 +561,7 @@ impl Service {
         };
         let reason = outcome
             .reason
-            .map_or_else(|| unreasoned(status), Reason::as_str);
+            .map_or_else(|| unreasoned(status, outcome.key_api), Reason::as_str);
         let decision = if outcome.reason.is_some_and(Reason::allows) {
             "allow"
         } else {
@@ -613,8 +613,10 @@ impl Service {
 }
 
 /// The reason recorded for answers given before any decision was made.
-fn unreasoned(status: StatusCode) -> &'static str {
+fn unreasoned(status: StatusCode, key_api: bool) -> &'static str {
     match status {
+        // The key API answers 503 when its store (PostgreSQL) cannot take a change.
+        StatusCode::SERVICE_UNAVAILABLE if key_api => "store_unavailable",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
         StatusCode::SERVICE_UNAVAILABLE => "audit_unavailable",
         StatusCode::BAD_REQUEST => "bad_body",
@@ -641,7 +643,7 @@ fn decision_event(
         allow: outcome.reason.is_some_and(Reason::allows),
         reason: outcome
             .reason
-            .map_or_else(|| unreasoned(status), Reason::as_str),
+            .map_or_else(|| unreasoned(status, outcome.key_api), Reason::as_str),
         status: status.as_u16(),
         method: method.as_str().to_string(),
         path: crate::keys::secret::mask_in_path(&outcome.path).into_owned(),

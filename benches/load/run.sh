@@ -19,7 +19,8 @@
 # Knobs (environment): DURATION (10), CONNECTIONS (50), RATE (5000), RATE_CONNECTIONS (32),
 # LAT_ROUNDS (5), LAT_DURATION (4), PROXY_CPU (1), LOAD_CPU (0), NICE (-10),
 # LATENCY_LAYOUT (shared|split), TARGETS ("portcullis nginx haproxy"), KEEP_WORK=1,
-# PORTCULLIS_EXTRA_CONFIG (YAML appended to portcullis.yaml, e.g. an audit: block).
+# PORTCULLIS_EXTRA_CONFIG (YAML appended to portcullis.yaml, e.g. an audit: block),
+# PORTCULLIS_BIN (measure this binary instead of the fresh release build).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -56,7 +57,8 @@ install_tools() {
 build() {
     log "building portcullis and the fixed-rate generator (release)"
     (cd "$ROOT" && cargo build --release --locked --bin portcullis --example fixed_rate >&2)
-    PORTCULLIS=$ROOT/target/release/portcullis
+    # PORTCULLIS_BIN measures another build (e.g. the binary of an earlier commit, for before/after).
+    PORTCULLIS=${PORTCULLIS_BIN:-$ROOT/target/release/portcullis}
     FIXED_RATE=$ROOT/target/release/examples/fixed_rate
 }
 

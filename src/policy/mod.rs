@@ -55,6 +55,8 @@ pub struct Principal {
     pub grants: Arc<[Grant]>,
     /// Requests per key (or per token principal) allowed, when limited.
     pub limit: Option<crate::limits::Rate>,
+    /// `RateLimit-Policy` for that limit, made once.
+    pub limit_header: Option<http::HeaderValue>,
 }
 
 /// What a matched route demands.
@@ -548,6 +550,14 @@ fn compile_principals(
         };
         if let Some(mut p) = compile_principal(builder, name, spec, roles, problems) {
             p.limit = limit;
+            p.limit_header = limit.and_then(|r| {
+                http::HeaderValue::from_str(&format!(
+                    "\"default\";q={};w={}",
+                    r.count,
+                    r.window_seconds()
+                ))
+                .ok()
+            });
             principals.insert(name.as_str().into(), Arc::new(p));
         }
     }
@@ -604,6 +614,7 @@ fn compile_principal(
         name: name.as_str().into(),
         header_value: http::HeaderValue::from_str(name.as_str()).ok(),
         limit: None,
+        limit_header: None,
         kind: kind?,
         grants: grant::simplify(grants).into(),
     })

@@ -256,17 +256,10 @@ async fn what_cannot_be_filtered_is_refused_never_passed_on() {
 
 #[test]
 fn check_reports_bad_filters_where_they_are() {
-    let ws = Workspace::new();
-    let policy = ws.write(
-        "policy.yaml",
+    let (code, stderr) = check_policy(
         "version: 1\nroutes:\n  - match: GET /v1/a\n    resource: a\n    access: read\n    filter: { items: data, instance: /id }\n  - match: GET /status\n    public: true\n    filter: { items: /data, instance: /id }\n  - match: GET /v1/a/{x}\n    resource: a\n    instance: x\n    access: read\n    filter: { items: /data, instance: /id~2 }\nprincipals: {}\n",
     );
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--policy", policy.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("policy.yaml:6:22: filter.items: \"data\" is not a JSON Pointer"),
         "{stderr}"

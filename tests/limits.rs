@@ -114,17 +114,10 @@ async fn a_key_over_its_limit_gets_429_and_nobody_else_pays_for_it() {
 
 #[test]
 fn check_reports_a_bad_limit_where_it_is() {
-    let ws = Workspace::new();
-    let policy = ws.write(
-        "policy.yaml",
+    let (code, stderr) = check_policy(
         "version: 1\nlimits:\n  default: fast\nroutes:\n  - match: GET /x\n    resource: x\n    access: read\nprincipals:\n  a: { kind: user, grants: ['x:read'], limit: 0/s }\n",
     );
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--policy", policy.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("policy.yaml:3:12: \"fast\" is not a limit"),
         "{stderr}"

@@ -905,3 +905,18 @@ pub fn assert_backend_clean(backend: &RecordingBackend) {
 pub fn show(path: &Path) -> String {
     path.display().to_string()
 }
+
+/// Runs `portcullis check --policy` on a policy text written to a fresh folder: the exit code and
+/// stderr.
+pub fn check_policy(text: &str) -> (Option<i32>, String) {
+    let ws = Workspace::new();
+    let policy = ws.write("policy.yaml", text);
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--policy", policy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
